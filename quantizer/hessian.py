@@ -1,0 +1,82 @@
+"""Streaming accumulation of a linear layer's Hessian `H = 2/N * X^T X`.
+
+Calibration inputs arrive batch by batch (only one batch is ever resident), so `H` is kept as a
+running mean: each update rescales the old estimate by `n/(n+m)` before adding the new batch's
+`2/(n+m) * X^T X`. The entries therefore stay O(|x|^2) however many tokens are seen, instead of
+growing with N as a plain sum would, which keeps float32 accumulation accurate; float64 is
+available for very long runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class HessianAccumulator:
+    """Running `2/N * X^T X` over every token fed to `add`."""
+
+    def __init__(self, in_features: int, *, dtype: torch.dtype = torch.float32, device: str | None = None):
+        if in_features < 1:
+            raise ValueError(f"in_features must be positive, got {in_features}")
+        self.H = torch.zeros(in_features, in_features, dtype=dtype, device=device)
+        self.nsamples = 0
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        """Fold in a batch of inputs `x` [..., in_features] (one row per token)."""
+        x = x.reshape(-1, x.shape[-1])
+        if x.shape[-1] != self.H.shape[0]:
+            raise ValueError(f"input has {x.shape[-1]} features, Hessian expects {self.H.shape[0]}")
+        m = x.shape[0]
+        if m == 0:
+            return
+        x = x.to(device=self.H.device, dtype=self.H.dtype)
+        total = self.nsamples + m
+        self.H.mul_(self.nsamples / total)
+        x = x * (2.0 / total) ** 0.5
+        self.H.addmm_(x.t(), x)
+        self.nsamples = total
+
+
+@dataclass
+class PreparedHessian:
+    """A damped, dead-column-safe Hessian ready for inversion, plus what was done to it."""
+
+    H: torch.Tensor  # [in, in] float32, damped
+    dead: torch.Tensor  # [in] bool: inputs never active in calibration
+    damp: float
+
+
+def prepare_hessian(H: torch.Tensor, percdamp: float) -> PreparedHessian:
+    """Dead inputs get `H_ii = 1` (their weights are zeroed by the caller); then `+ lambda I`."""
+    H = H.detach().to(torch.float32).clone()
+    if not torch.isfinite(H).all():
+        raise ValueError("Hessian contains NaN or Inf; the calibration activations overflowed")
+    diag = torch.diagonal(H)
+    dead = diag == 0
+    H[dead, dead] = 1.0
+    damp = percdamp * float(torch.mean(torch.diagonal(H)))
+    H.diagonal().add_(damp)
+    return PreparedHessian(H=H, dead=dead, damp=damp)
+
+
+def inverse_cholesky_upper(H: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor `U` of `H^-1` (`H^-1 = U^T U`), the GPTQ error-feedback operator.
+
+    If `H` is not numerically positive definite, the damping is raised step by step rather than
+    failing: a layer fed with nearly collinear inputs still gets quantized.
+    """
+    extra = 0.0
+    mean_diag = float(torch.mean(torch.diagonal(H)))
+    for _ in range(8):
+        Hd = H if extra == 0.0 else H + extra * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0:
+                return U
+        extra = mean_diag * (0.01 if extra == 0.0 else 10.0 * extra / mean_diag)
+    raise ValueError("Hessian is not positive definite even after extra damping")

@@ -1,0 +1,164 @@
+"""`quantize_weight`: one linear layer through RTN, GPTQ (stage 1) or RPIQ (stages 1 + 2)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .config import QuantConfig
+from .gptq import gptq_quantize
+from .grid import column_groups, fit_params, quantize_codes
+from .hessian import inverse_cholesky_upper, prepare_hessian
+from .refine import HessianResidual, InstanceResidual, refine
+from .result import LayerReport, QuantizedWeight
+
+
+@dataclass
+class Instance:
+    """The kept calibration batch for single-instance refinement (see `refine.InstanceResidual`).
+
+    `Xq` [n, in]: this layer's input with every earlier layer already quantized;
+    `Y` [n, out]: the full-precision layer's output on the full-precision input.
+    """
+
+    Xq: torch.Tensor
+    Y: torch.Tensor
+
+
+def layer_loss(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
+    """`tr(E H E^T)`: the squared output error summed over the calibration set (x 2/N)."""
+    E = (W.float() - Wq.float()).to(H.device)
+    return float(torch.sum((E @ H.float()) * E))
+
+
+def validate_inputs(W: torch.Tensor, H: torch.Tensor) -> None:
+    """Reject what would otherwise produce NaN codes or a shape error deep inside a matmul."""
+    if W.ndim != 2:
+        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(W.shape)}")
+    if W.numel() == 0:
+        raise ValueError(f"weight is empty (shape {tuple(W.shape)})")
+    if not torch.isfinite(W).all():
+        bad = int((~torch.isfinite(W)).sum())
+        raise ValueError(f"weight contains {bad} NaN/Inf values")
+    if tuple(H.shape) != (W.shape[1], W.shape[1]):
+        raise ValueError(
+            f"Hessian shape {tuple(H.shape)} does not match the weight's {W.shape[1]} input features"
+        )
+    if not torch.isfinite(H).all():
+        raise ValueError("Hessian contains NaN or Inf values")
+
+
+@torch.no_grad()
+def quantize_weight(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    config: QuantConfig | None = None,
+    *,
+    instance: Instance | None = None,
+    name: str = "",
+) -> tuple[QuantizedWeight, LayerReport]:
+    """Quantize `W` [out, in] given its calibration Hessian `H = 2/N X^T X` [in, in].
+
+    Returns the codes/grid in GPTQ's logical layout and a report of the layer loss after RTN,
+    after stage 1 and after every stage-2 round. With `instance`, stage 2 uses the
+    single-instance residual instead of `E @ H`.
+    """
+    cfg = config or QuantConfig()
+    validate_inputs(W, H)
+    grid = cfg.grid
+    device = W.device
+    out, n = W.shape
+    W = W.detach().float().clone()
+    H0 = H.detach().float().to(device)
+    prep = prepare_hessian(H0, cfg.gptq.percdamp)
+    W[:, prep.dead] = 0.0
+    natural_groups = column_groups(n, grid.group_size).to(device)
+    report = LayerReport(name=name, shape=(out, n), method=cfg.method)
+
+    rtn = rtn_quantize(W, natural_groups, cfg)
+    report.loss_rtn = layer_loss(W, rtn.dequantize(), H0)
+    if cfg.method == "rtn":
+        return rtn, report
+
+    t0 = time.perf_counter()
+    act = cfg.gptq.act_order
+    perm = torch.argsort(torch.diagonal(prep.H), descending=True) if act else torch.arange(n, device=device)
+    invperm = torch.argsort(perm)
+    Wp = W[:, perm]
+    Hp = prep.H[perm][:, perm]
+    if act and not cfg.gptq.static_groups and grid.group_size != -1:
+        col_group = column_groups(n, grid.group_size).to(device)  # groups follow the working order
+        fixed = None
+    else:
+        col_group = natural_groups[perm]
+        fixed = (rtn.scales.clone(), rtn.zeros.float()) if cfg.gptq.static_groups else None
+    U = inverse_cholesky_upper(Hp)
+    st1 = gptq_quantize(Wp, U, grid, cfg.gptq.block_size, col_group, fixed)
+    report.time_gptq_s = time.perf_counter() - t0
+    Q, codes, scales, zeros = st1.Q, st1.codes, st1.scales, st1.zeros
+    report.loss_gptq = layer_loss(W, Q[:, invperm], H0)
+
+    if cfg.method == "rpiq" and cfg.refine.rounds > 0:
+        t1 = time.perf_counter()
+        H0p = H0[perm][:, perm]
+        if instance is None:
+            residual = HessianResidual(Wp, Q, H0p)
+        else:
+            residual = InstanceResidual(instance.Xq.to(device)[:, perm], instance.Y.to(device), Q)
+        outcome = refine(
+            Wp,
+            Q,
+            codes,
+            Hp,
+            prep.damp,
+            residual,
+            col_group,
+            scales,
+            zeros,
+            grid,
+            cfg.refine,
+            cfg.gptq.block_size,
+        )
+        report.accepted_rounds = outcome.accepted_rounds
+        # Report the global layer loss after each round whatever drove the refinement.
+        report.loss_rounds = (
+            outcome.objective_rounds
+            if instance is None
+            else [layer_loss(W, Q[:, invperm], H0)] * len(outcome.objective_rounds)
+        )
+        report.time_refine_s = time.perf_counter() - t1
+
+    qw = QuantizedWeight(
+        codes=codes[:, invperm].to(torch.uint8),
+        scales=scales,
+        zeros=zeros.to(torch.int32),
+        g_idx=col_group[invperm].to(torch.int32),
+        bits=grid.bits,
+        group_size=grid.group_size,
+        sym=grid.sym,
+    )
+    return qw, report
+
+
+def rtn_quantize(W: torch.Tensor, groups: torch.Tensor, cfg: QuantConfig) -> QuantizedWeight:
+    """Round-to-nearest on the min/max grid of each group: the baseline every method must beat."""
+    grid = cfg.grid
+    ngroups = int(groups.max()) + 1
+    scales = torch.empty(ngroups, W.shape[0], device=W.device)
+    zeros = torch.empty(ngroups, W.shape[0], device=W.device)
+    for g in range(ngroups):
+        p = fit_params(W[:, groups == g], grid)
+        scales[g], zeros[g] = p.scale, p.zero
+    gl = groups.long()
+    codes = quantize_codes(W, scales[gl].t(), zeros[gl].t(), grid.maxq)
+    return QuantizedWeight(
+        codes=codes.to(torch.uint8),
+        scales=scales,
+        zeros=zeros.to(torch.int32),
+        g_idx=groups.to(torch.int32),
+        bits=grid.bits,
+        group_size=grid.group_size,
+        sym=grid.sym,
+    )

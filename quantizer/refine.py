@@ -1,0 +1,221 @@
+"""Stage 2 of RPIQ: multi-round Gauss-Seidel residual-projected block refinement.
+
+The layer loss `L = tr(E H E^T)`, `E = W - Wq`, is a quadratic in the column blocks of `Wq`.
+GPTQ only pushes errors forward, so block 1 never learns what blocks 2..M got wrong. Stage 2
+sweeps the blocks again, in place (each block sees the newest values of all others):
+
+    G_j   = (E H)[:, j]                       residual projected through the Hessian
+    T_j   = Wq_j + alpha * G_j inv(H_jj)      alpha = 1 is the exact block optimum
+    Wq_j' = GPTQ(T_j, H_jj)                   re-quantize with within-block compensation
+    keep Wq_j' only where the loss went down  closed loop: per row, or per block
+
+Because the loss is a sum over output rows, `E H` and the change of loss for a candidate block
+are computed per row, and `accept="row"` keeps the rows that improved. The loss change of a
+block step `D_j` (the change of `E_j`) is `2 <D_j, G_j> + <D_j C_jj, D_j>`, so no full loss is
+ever recomputed.
+
+Two residual sources share that loop (`rpiq.md`, "single-instance calibration"):
+- `HessianResidual`: `G = E H` from the global calibration Hessian (maintained incrementally);
+- `InstanceResidual`: one kept batch run through the partly quantized network, `R = Y - Xq Wq^T`
+  against the full-precision outputs `Y`, `G_j = 2/n R^T Xq_j` (the instantaneous curvature,
+  scaled like `H = 2/N X^T X`); the step is still preconditioned by the global `inv(H_jj)`.
+
+Acceptance always measures the undamped objective; damping only stabilises the step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import GridConfig, RefineConfig
+from .gptq import quantize_block
+from .grid import fit_params
+from .hessian import inverse_cholesky_upper
+
+
+class HessianResidual:
+    """`G = E H0` for the global (undamped) Hessian `H0`, kept up to date block by block."""
+
+    def __init__(self, W: torch.Tensor, Q: torch.Tensor, H0: torch.Tensor):
+        self.H0 = H0
+        self.G = (W - Q) @ H0
+
+    def gradient(self, cols: slice) -> torch.Tensor:
+        return self.G[:, cols]
+
+    def curvature(self, cols: slice) -> torch.Tensor:
+        return self.H0[cols, cols]
+
+    def update(self, cols: slice, D: torch.Tensor) -> None:
+        """`E[:, cols] += D`."""
+        self.G.add_(D @ self.H0[cols, :])
+
+    def objective(self, E: torch.Tensor) -> float:
+        return float(torch.sum(self.G * E))
+
+
+class InstanceResidual:
+    """The single-instance residual of one kept batch: `R = Y - Xq Wq^T`, `G_j = 2/n R^T Xq_j`.
+
+    `Xq` [n, in] is the layer's real (already degraded) input in working column order and `Y`
+    [n, out] the full-precision layer's output on the full-precision input of the same tokens.
+    """
+
+    def __init__(self, Xq: torch.Tensor, Y: torch.Tensor, Q: torch.Tensor):
+        if Xq.shape[0] != Y.shape[0] or Xq.shape[1] != Q.shape[1] or Y.shape[1] != Q.shape[0]:
+            raise ValueError(
+                f"instance shapes do not match the layer: Xq {tuple(Xq.shape)}, Y {tuple(Y.shape)}, "
+                f"weight {tuple(Q.shape)}"
+            )
+        self.Xq = Xq.float()
+        self.scale = 2.0 / Xq.shape[0]
+        self.R = Y.float() - self.Xq @ Q.t()
+
+    def gradient(self, cols: slice) -> torch.Tensor:
+        return self.scale * (self.R.t() @ self.Xq[:, cols])
+
+    def curvature(self, cols: slice) -> torch.Tensor:
+        X = self.Xq[:, cols]
+        return self.scale * (X.t() @ X)
+
+    def update(self, cols: slice, D: torch.Tensor) -> None:
+        """`E[:, cols] += D` means `Wq[:, cols] -= D`, so `R += Xq_j D^T`."""
+        self.R.add_(self.Xq[:, cols] @ D.t())
+
+    def objective(self, E: torch.Tensor) -> float:
+        return float(self.scale * torch.sum(self.R * self.R))
+
+
+Residual = HessianResidual | InstanceResidual
+
+
+@dataclass
+class RefineOutcome:
+    objective_rounds: list[float]
+    accepted_rounds: list[float]
+
+
+def refine(
+    W: torch.Tensor,
+    Q: torch.Tensor,
+    codes: torch.Tensor,
+    H: torch.Tensor,
+    damp: float,
+    residual: Residual,
+    col_group: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    grid: GridConfig,
+    cfg: RefineConfig,
+    block_size: int,
+) -> RefineOutcome:
+    """Run stage 2 in place on `Q`, `codes` (and `scales`/`zeros` if `cfg.refit_grid`).
+
+    All tensors are in working (possibly act-order permuted) column order; `H` is the damped
+    Hessian that preconditions the step, `damp` its diagonal shift.
+    """
+    n = W.shape[1]
+    bs = cfg.block_size or block_size
+    blocks = [slice(i, min(i + bs, n)) for i in range(0, n, bs)]
+    # Per block: inv(H_jj) for the step, and the upper Cholesky of it for within-block GPTQ.
+    Hjj_inv = [torch.cholesky_inverse(torch.linalg.cholesky(H[b, b])) for b in blocks]
+    Ujj = [inverse_cholesky_upper(H[b, b]) for b in blocks]
+    E = W - Q
+    objective = [residual.objective(E)]
+    accepted_rounds: list[float] = []
+    for _ in range(cfg.rounds):
+        accepted = torch.zeros(W.shape[0], dtype=torch.bool, device=W.device)
+        for b, Hinv, U in zip(blocks, Hjj_inv, Ujj, strict=True):
+            acc = _refine_block(
+                W, Q, codes, E, residual, b, Hinv, U, damp, col_group, scales, zeros, grid, cfg
+            )
+            accepted |= acc
+        accepted_rounds.append(float(accepted.float().mean()))
+        objective.append(residual.objective(E))
+        prev, new = objective[-2], objective[-1]
+        if prev <= 0 or (prev - new) / prev < cfg.tol:
+            break
+    return RefineOutcome(objective_rounds=objective[1:], accepted_rounds=accepted_rounds)
+
+
+def _refine_block(
+    W: torch.Tensor,
+    Q: torch.Tensor,
+    codes: torch.Tensor,
+    E: torch.Tensor,
+    residual: Residual,
+    b: slice,
+    Hinv: torch.Tensor,
+    U: torch.Tensor,
+    damp: float,
+    col_group: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    grid: GridConfig,
+    cfg: RefineConfig,
+) -> torch.Tensor:
+    """One Gauss-Seidel step on block `b`; returns the mask of rows whose codes changed."""
+    rows_todo = torch.ones(W.shape[0], dtype=torch.bool, device=W.device)
+    changed = torch.zeros_like(rows_todo)
+    alpha = cfg.alpha
+    C = residual.curvature(b)
+    idx = col_group[b].long()
+    inner = _groups_inside(col_group, b) if cfg.refit_grid else []
+    for _ in range(cfg.backtrack + 1):
+        rows = rows_todo.nonzero().squeeze(1)
+        if rows.numel() == 0:
+            break
+        G = residual.gradient(b)[rows] + damp * E[rows, b]
+        T = Q[rows, b] + alpha * (G @ Hinv)
+        S = scales[idx][:, rows].t().contiguous()
+        Z = zeros[idx][:, rows].t().contiguous()
+        new_params = {}
+        for g, cols in inner:
+            p = fit_params(T[:, cols], grid)
+            S[:, cols] = p.scale.unsqueeze(1)
+            Z[:, cols] = p.zero.unsqueeze(1)
+            new_params[g] = p
+        res = quantize_block(T.clone(), U, S, Z, grid.maxq)
+        D = Q[rows, b] - res.Q  # change of E on this block
+        Gtrue = residual.gradient(b)[rows]
+        dL = 2.0 * torch.sum(D * Gtrue, dim=1) + torch.sum((D @ C) * D, dim=1)
+        keep = _acceptance(dL, cfg.accept)
+        moved = torch.any(D != 0, dim=1)
+        keep &= moved
+        if keep.any():
+            kr = rows[keep]
+            Dk = torch.zeros(W.shape[0], D.shape[1], dtype=D.dtype, device=D.device)
+            Dk[kr] = D[keep]
+            Q[kr, b] = res.Q[keep]
+            codes[kr, b] = res.codes[keep]
+            E[kr, b] = W[kr, b] - Q[kr, b]
+            residual.update(b, Dk)
+            for g, p in new_params.items():
+                scales[g, kr] = p.scale[keep]
+                zeros[g, kr] = p.zero[keep]
+            changed[kr] = True
+        rows_todo[rows[keep | ~moved]] = False
+        if cfg.accept == "always":
+            break
+        alpha *= 0.5
+    return changed
+
+
+def _acceptance(dL: torch.Tensor, mode: str) -> torch.Tensor:
+    if mode == "always":
+        return torch.ones_like(dL, dtype=torch.bool)
+    if mode == "block":
+        return torch.full_like(dL, bool(dL.sum() < 0), dtype=torch.bool)
+    return dL < 0
+
+
+def _groups_inside(col_group: torch.Tensor, b: slice) -> list[tuple[int, torch.Tensor]]:
+    """Groups whose every column lies in block `b`, with their column positions in the block."""
+    local = col_group[b]
+    out = []
+    for g in torch.unique(local).tolist():
+        if int((col_group == g).sum()) == int((local == g).sum()):
+            out.append((g, (local == g).nonzero().squeeze(1)))
+    return out

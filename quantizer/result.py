@@ -1,0 +1,72 @@
+"""What quantizing one linear layer produces: codes on the grid and a per-layer report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .grid import dequantize_codes
+
+
+@dataclass
+class QuantizedWeight:
+    """A weight in GPTQ's logical layout (before int32 packing).
+
+    `codes[o, i]` is the integer code of `W[o, i]`; column `i` uses group `g_idx[i]`, whose
+    parameters are `scales[g_idx[i], o]` and `zeros[g_idx[i], o]`.
+    """
+
+    codes: torch.Tensor  # [out, in] uint8
+    scales: torch.Tensor  # [groups, out] float32 (fp16-representable by default)
+    zeros: torch.Tensor  # [groups, out] int32
+    g_idx: torch.Tensor  # [in] int32
+    bits: int
+    group_size: int
+    sym: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight [out, in] that these codes stand for."""
+        g = self.g_idx.long()
+        scale = self.scales[g].t()
+        zero = self.zeros[g].t().float()
+        return dequantize_codes(self.codes.float(), scale, zero)
+
+
+@dataclass
+class LayerReport:
+    """Layer loss `tr(E H E^T)` after each step, and where the time went."""
+
+    name: str = ""
+    shape: tuple[int, int] = (0, 0)
+    method: str = ""
+    loss_rtn: float = float("nan")
+    loss_gptq: float = float("nan")
+    loss_rounds: list[float] = field(default_factory=list)
+    accepted_rounds: list[float] = field(default_factory=list)  # fraction of rows accepted per round
+    time_gptq_s: float = 0.0
+    time_refine_s: float = 0.0
+
+    @property
+    def loss_final(self) -> float:
+        if self.loss_rounds:
+            return self.loss_rounds[-1]
+        return self.loss_gptq if self.method != "rtn" else self.loss_rtn
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "method": self.method,
+            "loss_rtn": self.loss_rtn,
+            "loss_gptq": self.loss_gptq,
+            "loss_rounds": self.loss_rounds,
+            "loss_final": self.loss_final,
+            "accepted_rounds": self.accepted_rounds,
+            "time_gptq_s": self.time_gptq_s,
+            "time_refine_s": self.time_refine_s,
+        }
