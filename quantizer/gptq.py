@@ -34,26 +34,34 @@ def quantize_block(
 ) -> BlockResult:
     """GPTQ's inner loop over the columns of one block, with within-block error feedback.
 
-    `scale`/`zero` are per-column grid parameters [out, cnt]; `on_column(i, W1)` may rewrite
-    them in place before column `i` is rounded (stage 1 fits a group's grid when the group's
-    first column is reached, on the error-updated weights). `W1` is modified in place.
+    `W1` is [out, cnt]; `scale`/`zero` are per-column grid parameters given column-major, as
+    [cnt, out]. `on_column(i, W1t)` may rewrite rows of `scale`/`zero` in place before column
+    `i` is rounded (stage 1 fits a group's grid when its first column is reached, on the
+    error-updated weights `W1t` [cnt, out]).
+
+    The loop runs on the transpose so that every per-column operation touches contiguous
+    memory, and writes into preallocated rows: it executes once per column of every block and
+    every stage-2 sweep, so its per-step overhead is what bounds the run time on a CPU.
     """
-    cnt = W1.shape[1]
-    Q1 = torch.zeros_like(W1)
-    C1 = torch.zeros_like(W1)
-    Err1 = torch.zeros_like(W1)
+    W1t = W1.t().contiguous()
+    cnt = W1t.shape[0]
+    Q1t = torch.empty_like(W1t)
+    C1t = torch.empty_like(W1t)
+    E1t = torch.empty_like(W1t)
+    pivots = torch.diagonal(U1).tolist()
     for i in range(cnt):
         if on_column is not None:
-            on_column(i, W1)
-        w = W1[:, i]
-        q = quantize_codes(w, scale[:, i], zero[:, i], maxq)
-        deq = dequantize_codes(q, scale[:, i], zero[:, i])
-        C1[:, i] = q
-        Q1[:, i] = deq
-        err = (w - deq) / U1[i, i]
-        W1[:, i:].sub_(err.unsqueeze(1) * U1[i, i:].unsqueeze(0))
-        Err1[:, i] = err
-    return BlockResult(Q=Q1, codes=C1, err=Err1)
+            on_column(i, W1t)
+        w, s, z = W1t[i], scale[i], zero[i]
+        q, deq, e = C1t[i], Q1t[i], E1t[i]
+        torch.div(w, s, out=q)
+        q.round_().add_(z).clamp_(0, maxq)
+        torch.sub(q, z, out=deq)
+        deq.mul_(s)
+        torch.sub(w, deq, out=e)
+        e.div_(pivots[i])
+        W1t[i:].addr_(U1[i, i:], e, alpha=-1.0)
+    return BlockResult(Q=Q1t.t(), codes=C1t.t(), err=E1t.t())
 
 
 @dataclass
@@ -95,25 +103,25 @@ def gptq_quantize(
         i2 = min(i1 + block_size, n)
         W1 = W[:, i1:i2].clone()
         idx = col_group[i1:i2].long()
-        S1 = scales[idx].t().contiguous()
-        Z1 = zeros[idx].t().contiguous()
+        S1 = scales[idx]  # [cnt, out]: one row per column
+        Z1 = zeros[idx]
 
         def fit_at_group_start(
-            i: int, W1: torch.Tensor, i1: int = i1, i2: int = i2, S1: torch.Tensor = S1, Z1: torch.Tensor = Z1
+            i: int, W1t: torch.Tensor, i1: int = i1, i2: int = i2, S1: torch.Tensor = S1, Z1: torch.Tensor = Z1
         ) -> None:
             c = i1 + i
             if fixed is not None or (c > 0 and cg[c - 1] == cg[c]):
                 return
             end = group_end[c]
-            cols = W1[:, i : min(end, i2) - i1]
+            cols = W1t[i : min(end, i2) - i1].t()
             if end > i2:  # the group runs past this block: later columns live in W
                 cols = torch.cat([cols, W[:, i2:end]], dim=1)
             p = fit_params(cols, grid)
             scales[cg[c]] = p.scale
             zeros[cg[c]] = p.zero
             in_block = [j for j in range(i, i2 - i1) if cg[i1 + j] == cg[c]]
-            S1[:, in_block] = p.scale.unsqueeze(1)
-            Z1[:, in_block] = p.zero.unsqueeze(1)
+            S1[in_block] = p.scale
+            Z1[in_block] = p.zero
 
         res = quantize_block(W1, U[i1:i2, i1:i2], S1, Z1, grid.maxq, fit_at_group_start)
         Q[:, i1:i2] = res.Q

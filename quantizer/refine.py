@@ -156,48 +156,53 @@ def _refine_block(
     grid: GridConfig,
     cfg: RefineConfig,
 ) -> torch.Tensor:
-    """One Gauss-Seidel step on block `b`; returns the mask of rows whose codes changed."""
-    rows_todo = torch.ones(W.shape[0], dtype=torch.bool, device=W.device)
-    changed = torch.zeros_like(rows_todo)
-    alpha = cfg.alpha
+    """One Gauss-Seidel step on block `b`; returns the mask of rows whose codes changed.
+
+    Rows are independent (the loss is a sum over output rows), so a rejected row retries with
+    its own halved step while accepted rows stay put. Every attempt works on all rows with
+    per-row masks rather than gathering the pending ones: on a CPU the per-call overhead of the
+    column loop, not its arithmetic, sets the cost, and full-width slices avoid scatter/gather.
+    """
+    out = W.shape[0]
     C = residual.curvature(b)
+    Gtrue = residual.gradient(b).clone()  # rows are independent: fixed for this block step
+    step = (Gtrue + damp * E[:, b]) @ Hinv  # full step to the damped block optimum
     idx = col_group[b].long()
+    S0, Z0 = scales[idx], zeros[idx]  # [cnt, out]: one row per column, as quantize_block wants
     inner = _groups_inside(col_group, b) if cfg.refit_grid else []
+    todo = torch.ones(out, dtype=torch.bool, device=W.device)
+    changed = torch.zeros_like(todo)
+    alpha = cfg.alpha
     for _ in range(cfg.backtrack + 1):
-        rows = rows_todo.nonzero().squeeze(1)
-        if rows.numel() == 0:
-            break
-        G = residual.gradient(b)[rows] + damp * E[rows, b]
-        T = Q[rows, b] + alpha * (G @ Hinv)
-        S = scales[idx][:, rows].t().contiguous()
-        Z = zeros[idx][:, rows].t().contiguous()
+        Qb = Q[:, b]
+        T = Qb + alpha * step
+        S, Z = S0, Z0
         new_params = {}
-        for g, cols in inner:
-            p = fit_params(T[:, cols], grid)
-            S[:, cols] = p.scale.unsqueeze(1)
-            Z[:, cols] = p.zero.unsqueeze(1)
-            new_params[g] = p
-        res = quantize_block(T.clone(), U, S, Z, grid.maxq)
-        D = Q[rows, b] - res.Q  # change of E on this block
-        Gtrue = residual.gradient(b)[rows]
+        if inner:
+            S, Z = S0.clone(), Z0.clone()
+            for g, cols in inner:
+                p = fit_params(T[:, cols], grid)
+                S[cols] = p.scale
+                Z[cols] = p.zero
+                new_params[g] = p
+        res = quantize_block(T, U, S, Z, grid.maxq)
+        D = Qb - res.Q  # the change of E on this block
         dL = 2.0 * torch.sum(D * Gtrue, dim=1) + torch.sum((D @ C) * D, dim=1)
-        keep = _acceptance(dL, cfg.accept)
         moved = torch.any(D != 0, dim=1)
-        keep &= moved
+        keep = _acceptance(dL, cfg.accept) & moved & todo
         if keep.any():
-            kr = rows[keep]
-            Dk = torch.zeros(W.shape[0], D.shape[1], dtype=D.dtype, device=D.device)
-            Dk[kr] = D[keep]
-            Q[kr, b] = res.Q[keep]
-            codes[kr, b] = res.codes[keep]
-            E[kr, b] = W[kr, b] - Q[kr, b]
+            k = keep.unsqueeze(1)
+            Dk = D * k
+            Q[:, b] = torch.where(k, res.Q, Qb)
+            codes[:, b] = torch.where(k, res.codes, codes[:, b])
+            E[:, b] = W[:, b] - Q[:, b]
             residual.update(b, Dk)
             for g, p in new_params.items():
-                scales[g, kr] = p.scale[keep]
-                zeros[g, kr] = p.zero[keep]
-            changed[kr] = True
-        rows_todo[rows[keep | ~moved]] = False
-        if cfg.accept == "always":
+                scales[g] = torch.where(keep, p.scale, scales[g])
+                zeros[g] = torch.where(keep, p.zero, zeros[g])
+            changed |= keep
+        todo &= ~(keep | ~moved)
+        if cfg.accept == "always" or not todo.any():
             break
         alpha *= 0.5
     return changed

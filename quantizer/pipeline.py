@@ -1,0 +1,265 @@
+"""Whole-model quantization: every decoder layer's linears, in both calibration modes.
+
+- `sequential` (GPTQ-classic): all calibration windows' hidden states for the current decoder
+  layer are resident; each linear group is calibrated on the outputs of the already-quantized
+  groups and layers before it, then the windows are pushed through the quantized layer.
+- `single-instance` (RPIQ): one streaming pass over the calibration windows accumulates every
+  linear's Hessian with only one batch resident; then the kept last batch runs through the
+  partly quantized model, layer by layer, next to a full-precision copy of its stream, and
+  drives stage 2 with the single-instance residual.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from tqdm.auto import tqdm
+
+from models.adapters import ModelAdapter, get_adapter
+
+from .capture import GroupInputCatcher, LayerInputs, capture_first_layer_inputs, run_layer
+from .config import QuantConfig
+from .layer import Instance, quantize_weight
+from .result import LayerReport, QuantizedWeight
+from .resume import RunState, fingerprint
+
+CalibMode = Literal["sequential", "single-instance"]
+
+
+class CalibrationConfig(BaseModel):
+    """How the calibration data flows through the model."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mode: CalibMode = "sequential"
+    instance_windows: int = Field(1, ge=1, description="single-instance: calibration windows kept")
+
+
+@dataclass
+class ModelQuantization:
+    """The outcome: quantized weights by module name and one report per linear."""
+
+    weights: dict[str, QuantizedWeight] = field(default_factory=dict)
+    reports: list[LayerReport] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def total_loss(self) -> float:
+        return sum(r.loss_final for r in self.reports)
+
+
+LayerCallback = Callable[[int, int, list[LayerReport]], None]
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    calib: torch.Tensor,
+    config: QuantConfig | None = None,
+    calibration: CalibrationConfig | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    state_dir: Path | None = None,
+    run_id: str = "",
+    progress: bool = True,
+    on_layer: LayerCallback | None = None,
+) -> ModelQuantization:
+    """Quantize every decoder-layer linear of `model` in place (weights become their dequantized
+    grid values) and return the codes. `calib` is [nsamples, seqlen] token ids.
+
+    With `state_dir`, finished layers are stored there and a rerun with the same model, config
+    and calibration tokens resumes after the last finished layer.
+    """
+    cfg = config or QuantConfig()
+    cal = calibration or CalibrationConfig()
+    if calib.ndim != 2 or calib.numel() == 0:
+        raise ValueError(
+            f"calibration tokens must be a non-empty [nsamples, seqlen] tensor, got {tuple(calib.shape)}"
+        )
+    device = torch.device(device)
+    adapter = get_adapter(model)
+    model.eval()
+    state = None
+    done: dict[int, tuple[dict[str, QuantizedWeight], list[LayerReport]]] = {}
+    if state_dir is not None:
+        fp = fingerprint(run_id=run_id, config=cfg.model_dump(), calibration=cal.model_dump(), calib=calib)
+        state = RunState(state_dir, fp)
+        done = state.done_layers()
+    runner = _sequential if cal.mode == "sequential" else _single_instance
+    t0 = time.perf_counter()
+    result = ModelQuantization()
+    for _, (weights, reports) in sorted(done.items()):
+        result.weights.update(weights)
+        result.reports.extend(reports)
+
+    def finish_layer(index: int, weights: dict[str, QuantizedWeight], reports: list[LayerReport]) -> None:
+        result.weights.update(weights)
+        result.reports.extend(reports)
+        if state is not None:
+            state.save_layer(index, weights, reports)
+
+    runner(model, adapter, calib, cfg, cal, device, done, finish_layer, progress, on_layer)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _set_weight(module: nn.Linear, qw: QuantizedWeight) -> None:
+    module.weight.data.copy_(qw.dequantize().to(module.weight.dtype))
+
+
+def _apply_done(layer: nn.Module, prefix: str, weights: dict[str, QuantizedWeight]) -> None:
+    for name, qw in weights.items():
+        _set_weight(layer.get_submodule(name[len(prefix) + 1 :]), qw)
+
+
+def _layer_prefix(adapter: ModelAdapter, index: int) -> str:
+    return f"{adapter.layers_path}.{index}"
+
+
+def _preamble_to(model: nn.Module, layers: nn.ModuleList, device: torch.device) -> None:
+    """Move everything but the decoder layers to `device`; layers go there one at a time."""
+    if device.type == "cpu":
+        return
+    keep = {id(p) for p in layers.parameters()}
+    for p in model.parameters():
+        if id(p) not in keep:
+            p.data = p.data.to(device)
+    for b in model.buffers():
+        b.data = b.data.to(device)
+
+
+def _quantize_group(
+    layer: nn.Module,
+    prefix: str,
+    catcher: GroupInputCatcher,
+    cfg: QuantConfig,
+    instances: dict[str, Instance] | None,
+) -> tuple[dict[str, QuantizedWeight], list[LayerReport]]:
+    weights, reports = {}, []
+    for name, module in catcher.modules.items():
+        inst = instances.get(name) if instances else None
+        qw, rep = quantize_weight(
+            module.weight, catcher.hessian(name), cfg, instance=inst, name=f"{prefix}.{name}"
+        )
+        _set_weight(module, qw)
+        weights[f"{prefix}.{name}"] = qw
+        reports.append(rep)
+    return weights, reports
+
+
+def _progress(total: int, start: int, enabled: bool, desc: str) -> tqdm:
+    return tqdm(total=total, initial=start, desc=desc, unit="layer", disable=not enabled, dynamic_ncols=True)
+
+
+def _sequential(model, adapter, calib, cfg, cal, device, done, finish_layer, progress, on_layer) -> None:
+    layers = adapter.layers(model)
+    _preamble_to(model, layers, device)
+    inputs: LayerInputs = capture_first_layer_inputs(model, layers, calib.split(1), device)
+    bar = _progress(len(layers), len(done), progress, "quantize (sequential)")
+    for index, layer in enumerate(layers):
+        layer.to(device)
+        prefix = _layer_prefix(adapter, index)
+        if index in done:
+            _apply_done(layer, prefix, done[index][0])
+        else:
+            layer_weights: dict[str, QuantizedWeight] = {}
+            layer_reports: list[LayerReport] = []
+            for group in adapter.linear_groups:
+                catcher = GroupInputCatcher({n: layer.get_submodule(n) for n in group})
+                try:
+                    for hidden in inputs.hidden:
+                        catcher.accumulate(catcher.run(layer, hidden, inputs.kwargs))
+                finally:
+                    catcher.remove()
+                w, r = _quantize_group(layer, prefix, catcher, cfg, None)
+                layer_weights.update(w)
+                layer_reports.extend(r)
+            finish_layer(index, layer_weights, layer_reports)
+            if on_layer:
+                on_layer(index, len(layers), layer_reports)
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(r.loss_final for r in layer_reports):.4g}")
+        inputs.hidden = [run_layer(layer, h, inputs.kwargs) for h in inputs.hidden]
+        if device.type != "cpu":
+            layer.to("cpu")
+    bar.close()
+
+
+def _single_instance(model, adapter, calib, cfg, cal, device, done, finish_layer, progress, on_layer) -> None:
+    layers = adapter.layers(model)
+    _preamble_to(model, layers, device)
+    for layer in layers:
+        layer.to(device)
+    # Pass 1: every linear's Hessian from one streaming pass over the full-precision model.
+    catchers = [
+        GroupInputCatcher({n: layer.get_submodule(n) for n in group}, stop=False, streaming=True)
+        for layer in layers
+        for group in adapter.linear_groups
+    ]
+    try:
+        for ids in tqdm(
+            calib.split(1), desc="hessians (single pass)", disable=not progress, dynamic_ncols=True
+        ):
+            model(input_ids=ids.to(device), use_cache=False)
+    finally:
+        for c in catchers:
+            c.remove()
+    by_layer = [
+        catchers[i * len(adapter.linear_groups) : (i + 1) * len(adapter.linear_groups)]
+        for i in range(len(layers))
+    ]
+
+    # Pass 2: the kept batch, through the full-precision and the partly quantized streams.
+    kept = calib[-cal.instance_windows :]
+    fp_in = capture_first_layer_inputs(model, layers, [kept], device)
+    fp_hidden, kwargs = fp_in.hidden[0], fp_in.kwargs
+    q_hidden = fp_hidden.clone()
+    bar = _progress(len(layers), len(done), progress, "quantize (single-instance)")
+    for index, layer in enumerate(layers):
+        prefix = _layer_prefix(adapter, index)
+        # Full-precision inputs of every linear, and the layer's full-precision output.
+        all_linears = {n: layer.get_submodule(n) for n in adapter.linear_names()}
+        fp_catch = GroupInputCatcher(all_linears, stop=False)
+        try:
+            fp_catch.inputs = {}
+            fp_out = run_layer(layer, fp_hidden, kwargs)
+            fp_inputs = dict(fp_catch.inputs)
+        finally:
+            fp_catch.remove()
+        if index in done:
+            _apply_done(layer, prefix, done[index][0])
+        else:
+            layer_weights, layer_reports = {}, []
+            for group, catcher in zip(adapter.linear_groups, by_layer[index], strict=True):
+                q_catch = GroupInputCatcher({n: layer.get_submodule(n) for n in group})
+                try:
+                    xq = q_catch.run(layer, q_hidden, kwargs)
+                finally:
+                    q_catch.remove()
+                instances = {}
+                for name, module in catcher.modules.items():
+                    x_fp = fp_inputs[name].reshape(-1, module.in_features).float()
+                    y = x_fp @ module.weight.float().t()
+                    instances[name] = Instance(Xq=xq[name].reshape(-1, module.in_features).float(), Y=y)
+                w, r = _quantize_group(layer, prefix, catcher, cfg, instances)
+                layer_weights.update(w)
+                layer_reports.extend(r)
+            finish_layer(index, layer_weights, layer_reports)
+            if on_layer:
+                on_layer(index, len(layers), layer_reports)
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(r.loss_final for r in layer_reports):.4g}")
+        by_layer[index] = []  # this layer's Hessians are no longer needed
+        q_hidden = run_layer(layer, q_hidden, kwargs)
+        fp_hidden = fp_out
+    bar.close()
+    if device.type != "cpu":
+        for layer in layers:
+            layer.to("cpu")

@@ -1,0 +1,235 @@
+"""The `rpiq` command line: quantize, eval, serve, bench."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="RPIQ: 4-bit post-training quantization (GPTQ + Gauss-Seidel refinement) and an assistive "
+    "edge inference server. Runs offline: MODEL is a local directory; omit it for the embedded "
+    "default model (SmolLM2-135M-Instruct).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+
+class Method(str, Enum):
+    rtn = "rtn"
+    gptq = "gptq"
+    rpiq = "rpiq"
+
+
+class Calib(str, Enum):
+    sequential = "sequential"
+    single_instance = "single-instance"
+
+
+class Format(str, Enum):
+    gptq = "gptq"
+    gptq_v2 = "gptq_v2"
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+@app.command()
+def quantize(
+    model: Annotated[str | None, typer.Argument(help="local model directory; omit for the embedded default")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="output checkpoint directory")] = None,
+    method: Annotated[Method, typer.Option(help="rtn, gptq (stage 1) or rpiq (stages 1 + 2)")] = Method.rpiq,
+    bits: Annotated[int, typer.Option(help="2, 3, 4 or 8")] = 4,
+    group_size: Annotated[int, typer.Option(help="columns per scale/zero group; -1 = per channel")] = 128,
+    sym: Annotated[bool, typer.Option(help="symmetric grid")] = False,
+    act_order: Annotated[bool, typer.Option(help="quantize columns by descending Hessian diagonal")] = False,
+    static_groups: Annotated[bool, typer.Option(help="with --act-order: fix group grids up front")] = False,
+    block_size: Annotated[int, typer.Option(help="GPTQ lazy-update block size")] = 128,
+    percdamp: Annotated[float, typer.Option(help="Hessian damping, fraction of mean diagonal")] = 0.01,
+    rounds: Annotated[int | None, typer.Option(help="stage-2 Gauss-Seidel rounds (rpiq)")] = None,
+    alpha: Annotated[float | None, typer.Option(help="stage-2 step size (rpiq)")] = None,
+    calib: Annotated[Calib, typer.Option(help="calibration mode")] = Calib.sequential,
+    calib_data: Annotated[str, typer.Option(help="text file, or built-in 'calib'")] = "calib",
+    nsamples: Annotated[int, typer.Option(help="calibration windows")] = 128,
+    seqlen: Annotated[int, typer.Option(help="tokens per calibration window")] = 2048,
+    seed: Annotated[int, typer.Option(help="seed for drawing calibration windows")] = 0,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="compute dtype: float32, bfloat16, float16")] = "float32",
+    checkpoint_format: Annotated[
+        Format, typer.Option(help="gptq (v1, zeros stored minus one; widest support) or gptq_v2 (exact)")
+    ] = Format.gptq,
+    eval_text: Annotated[
+        str | None, typer.Option("--eval", help="also measure perplexity before/after: 'heldout', 'wikitext' or FILE")
+    ] = None,
+    eval_seqlen: Annotated[int, typer.Option(help="tokens per evaluation window")] = 512,
+    eval_windows: Annotated[int | None, typer.Option(help="cap on evaluation windows (quick runs)")] = None,
+    resume: Annotated[bool, typer.Option(help="resume an interrupted run from OUT.rpiq-state")] = True,
+    progress: Annotated[bool, typer.Option(help="progress bars")] = True,
+) -> None:
+    """Quantize MODEL's decoder layers and write a GPTQ-format checkpoint."""
+    import torch
+
+    from models.checkpoint import save_quantized
+    from quantizer.config import GPTQConfig, GridConfig, QuantConfig, RefineConfig
+    from quantizer.data import calibration_windows, evaluation_windows, load_text
+    from quantizer.evaluate import perplexity
+    from quantizer.loading import ModelLoadError, load_fp_model
+    from quantizer.pipeline import CalibrationConfig, quantize_model
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        _fail("--device cuda was given but no CUDA GPU is available")
+    try:
+        refine_kw = {k: v for k, v in {"rounds": rounds, "alpha": alpha}.items() if v is not None}
+        config = QuantConfig(
+            method=method.value,
+            grid=GridConfig(
+                bits=bits, group_size=group_size, sym=sym, min_zero=1 if checkpoint_format == Format.gptq else 0
+            ),
+            gptq=GPTQConfig(block_size=block_size, percdamp=percdamp, act_order=act_order, static_groups=static_groups),
+            refine=RefineConfig(**refine_kw),
+        )
+        calibration = CalibrationConfig(mode=calib.value)
+        m, tok, where = load_fp_model(model, dtype)
+        text = load_text(calib_data)
+        windows = calibration_windows(tok, text, nsamples, seqlen, seed=seed)
+        ev = None
+        if eval_text is not None:
+            ev = evaluation_windows(tok, load_text(eval_text), eval_seqlen, max_windows=eval_windows)
+    except (ValueError, ModelLoadError) as e:
+        _fail(str(e))
+    name = Path(str(where)).name
+    out_dir = out_dir or Path(f"{name}-{method.value}-w{bits}g{group_size}")
+    report: dict = {"model": str(where), "method": method.value, "bits": bits, "group_size": group_size}
+    if ev is not None:
+        console.print(f"measuring full-precision perplexity on {ev.shape[0]} x {ev.shape[1]} tokens ...")
+        report["ppl_fp"] = perplexity(m.to(device), ev, device=device, progress=progress)
+        m.to("cpu")
+    fp_bytes = _param_bytes(m, torch.float16)
+    console.print(
+        f"quantizing {name} ({method.value}, {bits}-bit, group {group_size}, {calib.value}, "
+        f"{nsamples} x {seqlen} calibration tokens from {calib_data!r})"
+    )
+    state_dir = out_dir.with_name(out_dir.name + ".rpiq-state") if resume else None
+    t0 = time.perf_counter()
+    result = quantize_model(
+        m, windows, config, calibration, device=device, state_dir=state_dir, run_id=str(where), progress=progress
+    )
+    report["quantize_seconds"] = time.perf_counter() - t0
+    report["layer_loss_sum"] = result.total_loss
+    meta = {
+        "method": method.value,
+        "calibration": calib.value,
+        "calib_data": calib_data,
+        "nsamples": nsamples,
+        "seqlen": seqlen,
+        "seed": seed,
+        "config": config.model_dump(),
+        "layer_loss_sum": result.total_loss,
+    }
+    save_quantized(m, result.weights, out_dir, tokenizer=tok, checkpoint_format=checkpoint_format.value, rpiq_meta=meta)
+    (out_dir / "rpiq_layers.json").write_text(json.dumps([r.as_dict() for r in result.reports], indent=1))
+    if state_dir is not None:
+        import shutil
+
+        shutil.rmtree(state_dir, ignore_errors=True)
+    if ev is not None:
+        console.print("measuring quantized perplexity ...")
+        report["ppl_quantized"] = perplexity(m.to(device), ev, device=device, progress=progress)
+    report["size_fp16_bytes"] = fp_bytes
+    report["size_checkpoint_bytes"] = _dir_weight_bytes(out_dir)
+    report["out"] = str(out_dir)
+    _print_summary(report)
+
+
+def _param_bytes(model, dtype) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel() * dtype.itemsize
+    return total
+
+
+def _dir_weight_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def _print_summary(report: dict) -> None:
+    table = Table(title=f"rpiq quantize: {report['method']} {report['bits']}-bit g{report['group_size']}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    if "ppl_fp" in report:
+        table.add_row("perplexity, full precision", f"{report['ppl_fp']:.3f}")
+        table.add_row("perplexity, quantized", f"{report['ppl_quantized']:.3f}")
+    table.add_row("size, fp16 weights", f"{report['size_fp16_bytes'] / 2**20:.1f} MiB")
+    table.add_row("size, quantized checkpoint", f"{report['size_checkpoint_bytes'] / 2**20:.1f} MiB")
+    table.add_row("layer loss sum", f"{report['layer_loss_sum']:.4g}")
+    table.add_row("quantization time", f"{report['quantize_seconds']:.1f} s")
+    table.add_row("checkpoint", report["out"])
+    out.print(table)
+    out.print_json(json.dumps(report))
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[str | None, typer.Argument(help="model or quantized checkpoint directory; omit for default")] = None,
+    ppl: Annotated[str, typer.Option(help="'heldout' (built-in), 'wikitext' (local datasets cache) or FILE")] = "heldout",
+    seqlen: Annotated[int, typer.Option(help="tokens per window")] = 2048,
+    max_windows: Annotated[int | None, typer.Option(help="cap on windows (quick runs)")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+) -> None:
+    """Perplexity by the GPTQ protocol, the same code for full-precision models and checkpoints."""
+    from transformers import AutoTokenizer
+
+    from models.checkpoint import dequantized_model
+    from quantizer.data import evaluation_windows, load_text
+    from quantizer.evaluate import perplexity
+    from quantizer.loading import ModelLoadError, is_quantized_checkpoint, load_fp_model, resolve_model
+
+    try:
+        where = resolve_model(model)
+        if is_quantized_checkpoint(where):
+            m = dequantized_model(where)
+            tok = AutoTokenizer.from_pretrained(where, local_files_only=True)
+        else:
+            m, tok, where = load_fp_model(model)
+        windows = evaluation_windows(tok, load_text(ppl), seqlen, max_windows=max_windows)
+    except (ValueError, ModelLoadError, OSError) as e:
+        _fail(str(e))
+    value = perplexity(m.to(device), windows, device=device, progress=True)
+    out.print_json(
+        json.dumps({"model": str(where), "text": ppl, "seqlen": seqlen, "windows": windows.shape[0], "ppl": value})
+    )
+
+
+@app.command()
+def serve() -> None:
+    """Start the assistive HTTP server (not implemented yet: issue "The assistive server")."""
+    _fail("`rpiq serve` is not implemented yet; the server lands with the assistive-server issue", code=3)
+
+
+@app.command()
+def bench() -> None:
+    """Benchmarks (not implemented as a sub-command yet: run the scripts in benchmarks/)."""
+    _fail("`rpiq bench` is not implemented yet; run `python benchmarks/layer_loss.py`", code=3)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
