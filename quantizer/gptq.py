@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import GridConfig
-from .grid import dequantize_codes, fit_params, quantize_codes
+from .grid import fit_params
 
 
 @dataclass
@@ -107,7 +107,12 @@ def gptq_quantize(
         Z1 = zeros[idx]
 
         def fit_at_group_start(
-            i: int, W1t: torch.Tensor, i1: int = i1, i2: int = i2, S1: torch.Tensor = S1, Z1: torch.Tensor = Z1
+            i: int,
+            W1t: torch.Tensor,
+            i1: int = i1,
+            i2: int = i2,
+            S1: torch.Tensor = S1,
+            Z1: torch.Tensor = Z1,
         ) -> None:
             c = i1 + i
             if fixed is not None or (c > 0 and cg[c - 1] == cg[c]):

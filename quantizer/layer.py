@@ -11,7 +11,7 @@ from .config import QuantConfig
 from .gptq import gptq_quantize
 from .grid import column_groups, fit_params, quantize_codes
 from .hessian import inverse_cholesky_upper, prepare_hessian
-from .refine import HessianResidual, InstanceResidual, refine
+from .refine import HessianResidual, HybridInstanceResidual, InstanceResidual, refine
 from .result import LayerReport, QuantizedWeight
 
 
@@ -105,6 +105,10 @@ def quantize_weight(
         H0p = H0[perm][:, perm]
         if instance is None:
             residual = HessianResidual(Wp, Q, H0p)
+        elif cfg.refine.instance_residual == "hybrid":
+            residual = HybridInstanceResidual(
+                Wp, Q, H0p, instance.Xq.to(device)[:, perm], instance.Y.to(device), cfg.refine.instance_weight
+            )
         else:
             residual = InstanceResidual(instance.Xq.to(device)[:, perm], instance.Y.to(device), Q)
         outcome = refine(
@@ -122,12 +126,8 @@ def quantize_weight(
             cfg.gptq.block_size,
         )
         report.accepted_rounds = outcome.accepted_rounds
-        # Report the global layer loss after each round whatever drove the refinement.
-        report.loss_rounds = (
-            outcome.objective_rounds
-            if instance is None
-            else [layer_loss(W, Q[:, invperm], H0)] * len(outcome.objective_rounds)
-        )
+        report.objective_rounds = outcome.objective_rounds
+        report.loss_refined = layer_loss(W, Q[:, invperm], H0)
         report.time_refine_s = time.perf_counter() - t1
 
     qw = QuantizedWeight(

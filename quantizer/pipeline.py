@@ -192,16 +192,26 @@ def _sequential(model, adapter, calib, cfg, cal, device, done, finish_layer, pro
     bar.close()
 
 
-def _single_instance(model, adapter, calib, cfg, cal, device, done, finish_layer, progress, on_layer) -> None:
+def stream_hessians(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    calib: torch.Tensor,
+    layer_indices: range | list[int],
+    device: torch.device,
+    progress: bool = False,
+) -> list[list[GroupInputCatcher]]:
+    """Hessians of the chosen layers' linear groups from one streaming pass of the model as it is.
+
+    Only one calibration window is resident at a time; returns, per chosen layer, one catcher
+    per linear group (`catcher.hessian(name)`), with its hooks already removed.
+    """
     layers = adapter.layers(model)
-    _preamble_to(model, layers, device)
-    for layer in layers:
-        layer.to(device)
-    # Pass 1: every linear's Hessian from one streaming pass over the full-precision model.
-    catchers = [
-        GroupInputCatcher({n: layer.get_submodule(n) for n in group}, stop=False, streaming=True)
-        for layer in layers
-        for group in adapter.linear_groups
+    per_layer = [
+        [
+            GroupInputCatcher({n: layers[i].get_submodule(n) for n in group}, stop=False, streaming=True)
+            for group in adapter.linear_groups
+        ]
+        for i in layer_indices
     ]
     try:
         for ids in tqdm(
@@ -209,12 +219,19 @@ def _single_instance(model, adapter, calib, cfg, cal, device, done, finish_layer
         ):
             model(input_ids=ids.to(device), use_cache=False)
     finally:
-        for c in catchers:
-            c.remove()
-    by_layer = [
-        catchers[i * len(adapter.linear_groups) : (i + 1) * len(adapter.linear_groups)]
-        for i in range(len(layers))
-    ]
+        for catchers in per_layer:
+            for c in catchers:
+                c.remove()
+    return per_layer
+
+
+def _single_instance(model, adapter, calib, cfg, cal, device, done, finish_layer, progress, on_layer) -> None:
+    layers = adapter.layers(model)
+    _preamble_to(model, layers, device)
+    for layer in layers:
+        layer.to(device)
+    # Pass 1: every linear's Hessian from one streaming pass over the full-precision model.
+    by_layer = stream_hessians(model, adapter, calib, range(len(layers)), device, progress)
 
     # Pass 2: the kept batch, through the full-precision and the partly quantized streams.
     kept = calib[-cal.instance_windows :]

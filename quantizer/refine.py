@@ -14,11 +14,17 @@ are computed per row, and `accept="row"` keeps the rows that improved. The loss 
 block step `D_j` (the change of `E_j`) is `2 <D_j, G_j> + <D_j C_jj, D_j>`, so no full loss is
 ever recomputed.
 
-Two residual sources share that loop (`rpiq.md`, "single-instance calibration"):
+Three residual sources share that loop (`rpiq.md`, "single-instance calibration"):
 - `HessianResidual`: `G = E H` from the global calibration Hessian (maintained incrementally);
-- `InstanceResidual`: one kept batch run through the partly quantized network, `R = Y - Xq Wq^T`
-  against the full-precision outputs `Y`, `G_j = 2/n R^T Xq_j` (the instantaneous curvature,
-  scaled like `H = 2/N X^T X`); the step is still preconditioned by the global `inv(H_jj)`.
+- `InstanceResidual` ("raw"): one kept batch run through the partly quantized network,
+  `R = Y - Xq Wq^T` against the full-precision outputs `Y`, `G_j = 2/n R^T Xq_j` (instantaneous
+  curvature, scaled like `H = 2/N X^T X`); the step is preconditioned by the global `inv(H_jj)`.
+- `HybridInstanceResidual` ("hybrid", the default): the same output error split in two,
+  `R = dX W^T + Xq E^T` with `dX = X - Xq` the upstream error. Its curvature part `2/n E Xq^T Xq`
+  is replaced by the global `E H` (estimated from every calibration token, not one batch); only
+  the cross term the global Hessian cannot know, `2/n (Y - Xq W^T)^T Xq`, comes from the kept
+  batch. It is a constant, so the refinement minimises `tr(E H E^T) + 4/n tr(M E^T)`: each
+  layer compensates what earlier layers got wrong without overfitting one batch's curvature.
 
 Acceptance always measures the undamped objective; damping only stabilises the step.
 """
@@ -36,11 +42,19 @@ from .hessian import inverse_cholesky_upper
 
 
 class HessianResidual:
-    """`G = E H0` for the global (undamped) Hessian `H0`, kept up to date block by block."""
+    """`G = E H0 + c` for the global (undamped) Hessian `H0`, kept up to date block by block.
 
-    def __init__(self, W: torch.Tensor, Q: torch.Tensor, H0: torch.Tensor):
+    The constant linear term `c` (zero here) is what the hybrid single-instance residual adds.
+    """
+
+    def __init__(
+        self, W: torch.Tensor, Q: torch.Tensor, H0: torch.Tensor, offset: torch.Tensor | None = None
+    ):
         self.H0 = H0
+        self.offset = offset
         self.G = (W - Q) @ H0
+        if offset is not None:
+            self.G += offset
 
     def gradient(self, cols: slice) -> torch.Tensor:
         return self.G[:, cols]
@@ -53,7 +67,36 @@ class HessianResidual:
         self.G.add_(D @ self.H0[cols, :])
 
     def objective(self, E: torch.Tensor) -> float:
-        return float(torch.sum(self.G * E))
+        """`tr(E H0 E^T) + 2 tr(c E^T)` (the constant part of the output error is left out)."""
+        if self.offset is None:
+            return float(torch.sum(self.G * E))
+        return float(torch.sum((self.G + self.offset) * E))
+
+
+def _check_instance(Xq: torch.Tensor, Y: torch.Tensor, Q: torch.Tensor) -> None:
+    if Xq.shape[0] != Y.shape[0] or Xq.shape[1] != Q.shape[1] or Y.shape[1] != Q.shape[0]:
+        raise ValueError(
+            f"instance shapes do not match the layer: Xq {tuple(Xq.shape)}, Y {tuple(Y.shape)}, "
+            f"weight {tuple(Q.shape)}"
+        )
+
+
+class HybridInstanceResidual(HessianResidual):
+    """Global curvature plus the kept batch's upstream-error term `c = 2/n (Y - Xq W^T)^T Xq`."""
+
+    def __init__(
+        self,
+        W: torch.Tensor,
+        Q: torch.Tensor,
+        H0: torch.Tensor,
+        Xq: torch.Tensor,
+        Y: torch.Tensor,
+        weight: float = 1.0,
+    ):
+        _check_instance(Xq, Y, Q)
+        Xq = Xq.float()
+        offset = (weight * 2.0 / Xq.shape[0]) * ((Y.float() - Xq @ W.t()).t() @ Xq)
+        super().__init__(W, Q, H0, offset)
 
 
 class InstanceResidual:
@@ -64,11 +107,7 @@ class InstanceResidual:
     """
 
     def __init__(self, Xq: torch.Tensor, Y: torch.Tensor, Q: torch.Tensor):
-        if Xq.shape[0] != Y.shape[0] or Xq.shape[1] != Q.shape[1] or Y.shape[1] != Q.shape[0]:
-            raise ValueError(
-                f"instance shapes do not match the layer: Xq {tuple(Xq.shape)}, Y {tuple(Y.shape)}, "
-                f"weight {tuple(Q.shape)}"
-            )
+        _check_instance(Xq, Y, Q)
         self.Xq = Xq.float()
         self.scale = 2.0 / Xq.shape[0]
         self.R = Y.float() - self.Xq @ Q.t()

@@ -150,9 +150,9 @@ def test_partial_last_group_is_handled():
 def test_stage2_rounds_never_increase_the_loss_and_stop_early():
     layer = realistic_layer(128, 256, tokens=2048, seed=5)
     _, rep = quantize_weight(layer.W, layer.H, _cfg("rpiq", 3, 128, rounds=8, tol=1e-3))
-    seq = [rep.loss_gptq, *rep.loss_rounds]
+    seq = [rep.loss_gptq, *rep.objective_rounds]
     assert all(b <= a * (1 + 1e-6) for a, b in itertools.pairwise(seq))
-    assert len(rep.loss_rounds) < 8  # early stop once a round gains < 0.1 %
+    assert len(rep.objective_rounds) < 8  # early stop once a round gains < 0.1 %
 
 
 def test_open_loop_can_be_worse_than_closed_loop():

@@ -1,0 +1,574 @@
+"""GPTQ checkpoints: bit-exact round trips, loadable models, exact metadata, atomic writes, clear errors.
+
+Tiny Llama (tied embeddings) and OPT (biases) models are built from configs and quantized with the
+real quantizer on random-input Hessians, so everything runs offline in a few seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+import models.checkpoint as ckpt_mod
+from models.checkpoint import (
+    CheckpointError,
+    QuantizedCheckpoint,
+    dequantized_model,
+    load_quantized_state,
+    save_quantized,
+)
+from quantizer.config import GPTQConfig, GridConfig, QuantConfig
+from quantizer.layer import quantize_weight
+from quantizer.result import QuantizedWeight
+
+BASE = QuantConfig(method="gptq", grid=GridConfig(bits=4, group_size=32, min_zero=1))
+CASES: dict[str, QuantConfig] = {
+    "g32": BASE,
+    "act_order": BASE.model_copy(update={"gptq": GPTQConfig(act_order=True)}),
+    "3bit": BASE.model_copy(update={"grid": GridConfig(bits=3, group_size=32, min_zero=1)}),
+    "8bit_channel": BASE.model_copy(update={"grid": GridConfig(bits=8, group_size=-1, min_zero=1)}),
+    "sym": BASE.model_copy(update={"grid": GridConfig(bits=4, group_size=32, sym=True)}),
+}
+Q_PROJ = "model.layers.0.self_attn.q_proj"
+
+
+# --------------------------------------------------------------------------- fixtures and helpers
+
+
+def tiny_llama(layers: int = 2, hidden: int = 64) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_opt() -> OPTForCausalLM:
+    torch.manual_seed(1)
+    cfg = OPTConfig(
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=256,
+        word_embed_proj_dim=64,
+        max_position_embeddings=64,
+    )
+    model = OPTForCausalLM(cfg).eval()
+    with torch.no_grad():  # non-zero biases, so a dropped bias would show in the logits
+        for mod in model.modules():
+            if isinstance(mod, nn.Linear) and mod.bias is not None:
+                mod.bias.normal_(0.0, 0.1)
+    return model
+
+
+def quantize_linears(model: nn.Module, cfg: QuantConfig, seed: int = 0) -> dict[str, QuantizedWeight]:
+    """Every linear except lm_head (as GPTQ tools do), on H = 2/n X^T X from random inputs."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and name != "lm_head":
+            X = torch.randn(128, mod.in_features, generator=g)
+            out[name], _ = quantize_weight(mod.weight.detach(), 2.0 / 128 * X.t() @ X, cfg, name=name)
+    return out
+
+
+def substituted(model: nn.Module, quantized: dict[str, QuantizedWeight], dtype: torch.dtype) -> nn.Module:
+    """The in-memory model a checkpoint stands for: other tensors rounded through `dtype`."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(p.to(dtype).float())
+        for name, qw in quantized.items():
+            ref.get_submodule(name).weight.copy_(qw.dequantize())
+    return ref
+
+
+def logits(model: nn.Module) -> torch.Tensor:
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    """Tiny tensors: on this 2-core machine thread wake-ups make each op ~20x slower with 2 threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def llama() -> LlamaForCausalLM:
+    return tiny_llama()
+
+
+_cache: dict[str, dict[str, QuantizedWeight]] = {}
+
+
+@pytest.fixture(scope="module")
+def quantized(llama):
+    """Quantized Llama weights per case, computed once for the whole module."""
+
+    def get(case: str) -> dict[str, QuantizedWeight]:
+        if case not in _cache:
+            _cache[case] = quantize_linears(llama, CASES[case])
+        return _cache[case]
+
+    return get
+
+
+def with_zero_point_0(qs: dict[str, QuantizedWeight]) -> dict[str, QuantizedWeight]:
+    """A copy where one zero point is 0, which only gptq_v2 can store."""
+    qw = qs[Q_PROJ]
+    zeros = qw.zeros.clone()
+    zeros[0, 0] = 0
+    return {**qs, Q_PROJ: replace(qw, zeros=zeros)}
+
+
+def assert_same_weights(got: dict[str, QuantizedWeight], want: dict[str, QuantizedWeight]) -> None:
+    assert sorted(got) == sorted(want)
+    for name, w in want.items():
+        g = got[name]
+        assert g.codes.dtype == torch.uint8 and torch.equal(g.codes, w.codes), name
+        assert g.zeros.dtype == torch.int32 and torch.equal(g.zeros, w.zeros.to(torch.int32)), name
+        assert g.g_idx.dtype == torch.int32 and torch.equal(g.g_idx, w.g_idx.to(torch.int32)), name
+        assert g.scales.dtype == torch.float32 and torch.equal(g.scales, w.scales), name
+        assert (g.bits, g.group_size, g.sym) == (w.bits, w.group_size, w.sym), name
+        assert torch.equal(g.dequantize(), w.dequantize()), name
+
+
+def rewrite_tensors(path: Path, edit) -> None:
+    """Load model.safetensors, let `edit` change the dict, write it back (to fake a broken checkpoint)."""
+    f = path / "model.safetensors"
+    tensors = load_file(str(f))
+    edit(tensors)
+    save_file(tensors, str(f), metadata={"format": "pt"})
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_round_trip_is_bit_exact(llama, quantized, tmp_path, case, fmt):
+    qs = quantized(case)
+    out = save_quantized(llama, qs, tmp_path / "ck", checkpoint_format=fmt)
+    ck = load_quantized_state(out)
+    assert isinstance(ck, QuantizedCheckpoint)
+    assert_same_weights(ck.weights, qs)
+    # Non-quantized tensors: everything else in the state_dict, in float16, tied lm_head written once.
+    state = llama.state_dict()
+    expected = {k for k in state if k.removesuffix(".weight") not in qs and k != "lm_head.weight"}
+    assert set(ck.tensors) == expected
+    for k in expected:
+        assert ck.tensors[k].dtype == torch.float16
+        assert torch.equal(ck.tensors[k], state[k].half())
+    assert ck.quant["checkpoint_format"] == fmt
+
+
+def test_packed_tensor_layout_on_disk(llama, quantized, tmp_path):
+    qs = quantized("3bit")
+    out = save_quantized(llama, qs, tmp_path / "ck", checkpoint_format="gptq_v2")
+    raw = load_file(str(out / "model.safetensors"))
+    for name in (Q_PROJ, "model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"):
+        o, i = qs[name].shape
+        assert raw[f"{name}.qweight"].dtype == torch.int32 and raw[f"{name}.qweight"].shape == (
+            i * 3 // 32,
+            o,
+        )
+        assert raw[f"{name}.qzeros"].dtype == torch.int32 and raw[f"{name}.qzeros"].shape == (
+            i // 32,
+            o * 3 // 32,
+        )
+        assert raw[f"{name}.scales"].dtype == torch.float16 and raw[f"{name}.scales"].shape == (i // 32, o)
+        assert raw[f"{name}.g_idx"].dtype == torch.int32 and raw[f"{name}.g_idx"].shape == (i,)
+        assert f"{name}.weight" not in raw
+    assert "lm_head.weight" not in raw and "model.embed_tokens.weight" in raw
+
+
+def test_v2_stores_zero_point_0_exactly(llama, quantized, tmp_path):
+    qs = with_zero_point_0(quantized("g32"))
+    ck = load_quantized_state(save_quantized(llama, qs, tmp_path / "ck", checkpoint_format="gptq_v2"))
+    assert int(ck.weights[Q_PROJ].zeros[0, 0]) == 0
+    assert_same_weights(ck.weights, qs)
+
+
+def test_sharded_checkpoint_reads_back_identically(llama, quantized, tmp_path):
+    qs = quantized("act_order")
+    single = load_quantized_state(save_quantized(llama, qs, tmp_path / "one"))
+    out = save_quantized(llama, qs, tmp_path / "many", max_shard_bytes=16_000)
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    n = len(shards)
+    assert n >= 3 and shards == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    assert not (out / "model.safetensors").exists()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    sharded = load_quantized_state(out)
+    assert_same_weights(sharded.weights, single.weights)
+    assert sorted(sharded.tensors) == sorted(single.tensors)
+    assert all(torch.equal(sharded.tensors[k], single.tensors[k]) for k in single.tensors)
+    on_disk = {k: s for s in shards for k in load_file(str(out / s))}
+    assert on_disk == index["weight_map"]  # the index lists every tensor, in the shard that holds it
+
+
+# --------------------------------------------------------------------------- loadable models
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dequantized_llama_matches_in_memory_model(llama, quantized, tmp_path, dtype):
+    qs = quantized("act_order")
+    out = save_quantized(llama, qs, tmp_path / "ck", dtype=dtype)
+    model = dequantized_model(out)
+    assert not model.training
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+    assert torch.equal(logits(model), logits(substituted(llama, qs, dtype)))
+
+
+def test_dequantized_opt_with_biases_matches_in_memory_model(tmp_path):
+    opt = tiny_opt()
+    qs = quantize_linears(opt, BASE)
+    assert len(qs) == 12
+    out = save_quantized(opt, qs, tmp_path / "ck", checkpoint_format="gptq", dtype=torch.float32)
+    raw = load_file(str(out / "model.safetensors"))
+    bias = "model.decoder.layers.0.fc1.bias"
+    assert raw[bias].dtype == torch.float32 and torch.equal(raw[bias], opt.get_parameter(bias).detach())
+    model = dequantized_model(out)
+    assert torch.equal(logits(model), logits(substituted(opt, qs, torch.float32)))
+    # and it really is the quantized model, not the original one
+    assert not torch.allclose(logits(model), logits(opt), atol=1e-3)
+
+
+def test_dequantized_model_reports_missing_tensor(llama, quantized, tmp_path):
+    out = save_quantized(llama, quantized("g32"), tmp_path / "ck")
+    rewrite_tensors(out, lambda t: t.pop("model.norm.weight"))
+    with pytest.raises(CheckpointError, match=r"missing \['model\.norm\.weight'\]"):
+        dequantized_model(out)
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+@pytest.mark.parametrize("case", ["g32", "act_order"])
+def test_config_files(llama, quantized, tmp_path, case):
+    meta = {"method": "gptq", "calibration": "unit-test", "rounds": 0}
+    out = save_quantized(llama, quantized(case), tmp_path / "ck", checkpoint_format="gptq_v2", rpiq_meta=meta)
+    config = json.loads((out / "config.json").read_text())
+    expected = {
+        "quant_method": "gptq",
+        "bits": 4,
+        "group_size": 32,
+        "desc_act": case == "act_order",
+        "sym": False,
+        "checkpoint_format": "gptq_v2",
+        "static_groups": False,
+        "true_sequential": True,
+        "damp_percent": 0.01,
+        "lm_head": False,
+        "pack_dtype": "int32",
+        "meta": {"quantizer": [f"rpiq:{ckpt_mod._rpiq_version()}"]},
+        "rpiq": meta,
+    }
+    assert config["quantization_config"] == expected
+    assert json.loads((out / "quantize_config.json").read_text()) == expected
+    assert config["dtype"] == config["torch_dtype"] == "float16"
+    assert config["model_type"] == "llama" and config["hidden_size"] == 64 and config["tie_word_embeddings"]
+    assert (out / "generation_config.json").is_file()
+
+
+def test_static_groups_recorded_and_desc_act_false(llama, tmp_path):
+    cfg = BASE.model_copy(update={"gptq": GPTQConfig(act_order=True, static_groups=True, percdamp=0.05)})
+    qs = {n: qw for n, qw in quantize_linears(tiny_llama(layers=1), cfg).items() if "self_attn" in n}
+    out = save_quantized(tiny_llama(layers=1), qs, tmp_path / "ck", quant_config=cfg)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (qc["desc_act"], qc["static_groups"], qc["damp_percent"]) == (False, True, 0.05)
+    assert qc["checkpoint_format"] == "gptq"
+
+
+def test_tokenizer_is_copied(llama, quantized, tmp_path):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    vocab = {f"<{i}>": i for i in range(256)}
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel(vocab=vocab, unk_token="<0>")),
+        unk_token="<0>",
+        bos_token="<1>",
+        eos_token="<2>",
+    )
+    out = save_quantized(llama, quantized("g32"), tmp_path / "ck", tokenizer=tok)
+    back = AutoTokenizer.from_pretrained(str(out))
+    assert len(back) == 256 and back.convert_tokens_to_ids("<7>") == 7
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def _fail_on_second_shard(monkeypatch):
+    calls = {"n": 0}
+    real = ckpt_mod._write_shard
+
+    def flaky(path, tensors):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full (simulated)")
+        real(path, tensors)
+
+    monkeypatch.setattr(ckpt_mod, "_write_shard", flaky)
+    return calls
+
+
+def test_failed_write_leaves_no_output_dir(llama, quantized, tmp_path, monkeypatch):
+    calls = _fail_on_second_shard(monkeypatch)
+    with pytest.raises(OSError, match="disk full"):
+        save_quantized(llama, quantized("g32"), tmp_path / "ck", max_shard_bytes=16_000)
+    assert calls["n"] == 2
+    assert not (tmp_path / "ck").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_failed_write_leaves_previous_checkpoint_unchanged(llama, quantized, tmp_path, monkeypatch):
+    out = save_quantized(llama, quantized("g32"), tmp_path / "ck")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    _fail_on_second_shard(monkeypatch)
+    with pytest.raises(OSError, match="disk full"):
+        save_quantized(llama, quantized("act_order"), out, max_shard_bytes=16_000)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert leftovers(tmp_path) == []
+
+
+def test_overwrite_replaces_whole_checkpoint(llama, quantized, tmp_path):
+    out = save_quantized(llama, quantized("g32"), tmp_path / "ck", max_shard_bytes=16_000)
+    assert (out / "model.safetensors.index.json").exists()
+    save_quantized(llama, quantized("act_order"), out)
+    assert sorted(p.name for p in out.glob("*.safetensors*")) == ["model.safetensors"]  # stale shards gone
+    assert_same_weights(load_quantized_state(out).weights, quantized("act_order"))
+    assert leftovers(tmp_path) == []
+
+
+def test_refuses_to_replace_a_directory_that_is_not_a_checkpoint(llama, quantized, tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="refusing to replace"):
+        save_quantized(llama, quantized("g32"), tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+# --------------------------------------------------------------------------- save-time validation
+
+
+def test_v1_rejects_zero_point_0(llama, quantized, tmp_path):
+    with pytest.raises(ValueError, match=r"q_proj.*GridConfig\(min_zero=1\).*gptq_v2"):
+        save_quantized(llama, with_zero_point_0(quantized("g32")), tmp_path / "ck", checkpoint_format="gptq")
+    assert not (tmp_path / "ck").exists()
+
+
+def test_group_size_must_divide_in_features(tmp_path):
+    model = tiny_llama(layers=1)
+    cfg = BASE.model_copy(update={"grid": GridConfig(bits=4, group_size=48, min_zero=1)})
+    lin = model.get_submodule(Q_PROJ)
+    X = torch.randn(128, 64)
+    qw, _ = quantize_weight(lin.weight.detach(), 2.0 / 128 * X.t() @ X, cfg)
+    with pytest.raises(
+        ValueError, match=r"q_proj \(out_features=64, in_features=64\): group_size=48 must divide"
+    ):
+        save_quantized(model, {Q_PROJ: qw}, tmp_path / "ck")
+
+
+def test_in_features_must_fill_3bit_blocks(tmp_path):
+    model = tiny_llama(layers=1, hidden=48)
+    cfg = BASE.model_copy(update={"grid": GridConfig(bits=3, group_size=-1, min_zero=1)})
+    X = torch.randn(128, 48)
+    qw, _ = quantize_weight(model.get_submodule(Q_PROJ).weight.detach(), 2.0 / 128 * X.t() @ X, cfg)
+    with pytest.raises(ValueError, match=r"q_proj \(out_features=48, in_features=48\).*multiple of 32"):
+        save_quantized(model, {Q_PROJ: qw}, tmp_path / "ck")
+
+
+def test_save_rejects_mixed_grids_and_non_fp16_scales(llama, quantized, tmp_path):
+    mixed = {**quantized("g32"), Q_PROJ: quantized("3bit")[Q_PROJ]}
+    with pytest.raises(ValueError, match="must share bits"):
+        save_quantized(llama, mixed, tmp_path / "ck")
+    qw = quantized("g32")[Q_PROJ]
+    bad = {Q_PROJ: replace(qw, scales=qw.scales + 1e-7)}
+    with pytest.raises(ValueError, match="float16"):
+        save_quantized(llama, bad, tmp_path / "ck")
+    with pytest.raises(ValueError, match="no such module"):
+        save_quantized(llama, {"model.layers.9.mlp": qw}, tmp_path / "ck")
+    X = torch.randn(128, 64)
+    head, _ = quantize_weight(llama.lm_head.weight.detach(), 2.0 / 128 * X.t() @ X, BASE)
+    with pytest.raises(ValueError, match=r"lm_head: its weight is tied to \['model.embed_tokens.weight'\]"):
+        save_quantized(llama, {"lm_head": head}, tmp_path / "ck")
+
+
+# --------------------------------------------------------------------------- load-time errors
+
+
+@pytest.fixture
+def saved(llama, quantized, tmp_path) -> Path:
+    return save_quantized(llama, quantized("g32"), tmp_path / "ck")
+
+
+def test_truncated_file_names_the_file(saved):
+    f = saved / "model.safetensors"
+    with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size // 2)
+    with pytest.raises(CheckpointError, match=r"ck/model\.safetensors: corrupt or truncated"):
+        load_quantized_state(saved)
+
+
+def test_truncated_shard_names_the_shard(llama, quantized, tmp_path):
+    out = save_quantized(llama, quantized("g32"), tmp_path / "ck", max_shard_bytes=16_000)
+    shard = sorted(out.glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=shard.name):
+        load_quantized_state(out)
+
+
+def test_missing_scales_names_the_tensor(saved):
+    rewrite_tensors(saved, lambda t: t.pop(f"{Q_PROJ}.scales"))
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor '{Q_PROJ}\.scales' is missing"):
+        load_quantized_state(saved)
+
+
+def test_wrong_shape_and_dtype_name_the_tensor(saved):
+    rewrite_tensors(saved, lambda t: t.update({f"{Q_PROJ}.scales": t[f"{Q_PROJ}.scales"][:1].clone()}))
+    with pytest.raises(CheckpointError, match=rf"'{Q_PROJ}\.scales' has shape \[1, 64\]; expected \[2, 64\]"):
+        load_quantized_state(saved)
+    rewrite_tensors(saved, lambda t: t.update({f"{Q_PROJ}.qweight": t[f"{Q_PROJ}.qweight"].long()}))
+    with pytest.raises(CheckpointError, match=rf"'{Q_PROJ}\.qweight' has dtype torch\.int64"):
+        load_quantized_state(saved)
+
+
+def test_qweight_rows_must_match_the_groups(saved):
+    rewrite_tensors(saved, lambda t: t.update({f"{Q_PROJ}.qweight": t[f"{Q_PROJ}.qweight"][:4].clone()}))
+    with pytest.raises(CheckpointError, match=rf"'{Q_PROJ}\.scales' has shape \[2, 64\]; expected \[1, 64\]"):
+        load_quantized_state(saved)
+
+
+def test_config_errors(saved):
+    config = json.loads((saved / "config.json").read_text())
+    for patch, message in [
+        ({"bits": 5}, "bits=5 is not supported"),
+        ({"quant_method": "awq"}, "quant_method='awq' is not supported"),
+        ({"checkpoint_format": "marlin"}, "checkpoint_format='marlin'"),
+    ]:
+        bad = {**config, "quantization_config": {**config["quantization_config"], **patch}}
+        (saved / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match=message):
+            load_quantized_state(saved)
+    (saved / "quantize_config.json").unlink()
+    (saved / "config.json").write_text(
+        json.dumps({k: v for k, v in config.items() if k != "quantization_config"})
+    )
+    with pytest.raises(CheckpointError, match="no 'quantization_config'"):
+        load_quantized_state(saved)
+    (saved / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"config\.json: file is missing"):
+        load_quantized_state(saved)
+
+
+# --------------------------------------------------------------------------- third-party loader
+
+_THIRD_PARTY_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch
+    from gptqmodel import BACKEND, GPTQModel
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    def weights(model):
+        qlinears = ((n, m) for n, m in model.named_modules() if hasattr(m, "qweight"))
+        return {n: m.dequantize_weight().float().t() for n, m in qlinears}
+
+    out = {}
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    for path in sys.argv[2:]:
+        g = GPTQModel.load(path, backend=BACKEND.TORCH, device="cpu", dtype=torch.float16).model
+        # transformers' own GPTQ integration (optimum + gptqmodel kernels); only the backend is ours,
+        # every other field comes from the checkpoint's quantization_config
+        bits = json.load(open(path + "/config.json"))["quantization_config"]["bits"]
+        backend = GPTQConfig(bits=bits, backend="torch")
+        hf = AutoModelForCausalLM.from_pretrained(
+            path, device_map="cpu", dtype=torch.float16, quantization_config=backend
+        )
+        with torch.no_grad():
+            out[path] = {
+                "gptqmodel": g(ids).logits.float(),
+                "transformers": hf(ids).logits.float(),
+                "weights": weights(g),
+            }
+    torch.save(out, sys.argv[1])
+    """
+)
+
+
+def test_gptqmodel_loads_our_checkpoints(llama, quantized, tmp_path):
+    """GPTQModel's own torch kernel must decode our files to the same weights and logits.
+
+    Not `pytest.importorskip`: importing gptqmodel sets process-wide env vars and patches
+    libraries, so it runs in a subprocess and the test only checks that it is installed.
+    GPTQModel refuses asymmetric v1 ('gptq') checkpoints not produced by itself, so asymmetric
+    cases are checked in gptq_v2 and v1 with the symmetric grid.
+    """
+    if importlib.util.find_spec("gptqmodel") is None:
+        pytest.skip("gptqmodel is not installed (pip install '.[thirdparty]')")
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(  # GPTQModel.load insists on a tokenizer
+        tokenizer_object=Tokenizer(WordLevel(vocab={f"<{i}>": i for i in range(256)}, unk_token="<0>")),
+        unk_token="<0>",
+    )
+    cases = [("g32", "gptq_v2"), ("act_order", "gptq_v2"), ("3bit", "gptq_v2"), ("8bit_channel", "gptq_v2")]
+    cases += [("sym", "gptq")]
+    paths = {}
+    for case, fmt in cases:
+        paths[case] = str(
+            save_quantized(llama, quantized(case), tmp_path / case, checkpoint_format=fmt, tokenizer=tok)
+        )
+    result_file = tmp_path / "gptqmodel.pt"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "TORCHDYNAMO_DISABLE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _THIRD_PARTY_SCRIPT, str(result_file), *paths.values()],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs = torch.load(result_file)
+    for case, path in paths.items():
+        qs = quantized(case)
+        # their weights are ours rounded to float16, bit for bit
+        assert sorted(theirs[path]["weights"]) == sorted(qs), case
+        for name, w in theirs[path]["weights"].items():
+            assert torch.equal(w, qs[name].dequantize().half().float()), (case, name)
+        # logits differ from ours only by float16 arithmetic
+        ours = logits(dequantized_model(path))
+        for loader in ("gptqmodel", "transformers"):
+            err = (theirs[path][loader] - ours).abs().max().item()
+            assert err < 5e-3, (case, loader, err)

@@ -1,0 +1,162 @@
+"""Whole-model quantization on tiny instances of every supported architecture."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from models.adapters import LLAMA_LIKE_GROUPS, UnsupportedModelError, discover_adapter, get_adapter
+from quantizer.config import GPTQConfig, GridConfig, QuantConfig
+from quantizer.pipeline import CalibrationConfig, quantize_model
+from tests.tiny_models import CONFIGS, VOCAB, tiny_model
+
+ARCHS = list(CONFIGS)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls run ~20x slower on 2 threads than on 1 (thread hand-off dominates)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _calib(n: int = 6, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB - 2, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits.float()
+
+
+def _linears(model, adapter):
+    return [
+        f"{adapter.layers_path}.{i}.{n}"
+        for i in range(len(adapter.layers(model)))
+        for n in adapter.linear_names()
+    ]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_adapter_groups_match_the_traced_forward(arch):
+    """The adapter's data (layer path, group order) is what the model really does."""
+    model = tiny_model(arch)
+    adapter = get_adapter(model)
+    discovered = discover_adapter(model)
+    assert discovered is not None
+    assert discovered.layers_path == adapter.layers_path
+    assert discovered.linear_groups == adapter.linear_groups
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mode", ["sequential", "single-instance"])
+def test_quantize_every_architecture_end_to_end(arch, mode):
+    model = tiny_model(arch)
+    fp = copy.deepcopy(model)
+    calib = _calib()
+    ids = calib[:2]  # in-sample: what the layer losses were minimised on
+    ref = _logits(fp, ids)
+    cfg = QuantConfig(method="rpiq", grid=GridConfig(bits=3, group_size=32), gptq=GPTQConfig(block_size=32))
+    result = quantize_model(model, calib, cfg, CalibrationConfig(mode=mode), progress=False)
+    adapter = get_adapter(model)
+    assert sorted(result.weights) == sorted(_linears(model, adapter))
+    for name, qw in result.weights.items():
+        # The model now computes with exactly the dequantized codes.
+        assert torch.equal(model.get_submodule(name).weight.data, qw.dequantize())
+    for rep in result.reports:
+        assert rep.loss_gptq < rep.loss_rtn, rep.name
+        if mode == "sequential":
+            assert rep.loss_final <= rep.loss_gptq * (1 + 1e-6), rep.name
+    # Quantized with an error, but the model still computes something close to the original.
+    err_q = torch.mean((_logits(model, ids) - ref) ** 2)
+    rtn = copy.deepcopy(fp)
+    quantize_model(rtn, calib, cfg.model_copy(update={"method": "rtn"}), progress=False)
+    err_rtn = torch.mean((_logits(rtn, ids) - ref) ** 2)
+    assert 0 < err_q < err_rtn
+
+
+def test_sequential_rpiq_beats_gptq_and_rtn_on_output_error():
+    model = tiny_model("llama", seed=3)
+    calib = _calib(8, 64)
+    ids = calib[:2]  # a random tiny model has no "held-out" behaviour worth the name
+    ref = _logits(model, ids)
+    errs = {}
+    for method in ("rtn", "gptq", "rpiq"):
+        m = copy.deepcopy(model)
+        # Stage 2 needs at least two blocks to move anything: blocks of 16 on 64-wide layers.
+        cfg = QuantConfig(method=method, grid=GridConfig(bits=3, group_size=32), gptq=GPTQConfig(block_size=16))
+        res = quantize_model(m, calib, cfg, progress=False)
+        errs[method] = (float(torch.mean((_logits(m, ids) - ref) ** 2)), res.total_loss)
+    assert errs["rpiq"][1] < errs["gptq"][1] < errs["rtn"][1]  # summed layer loss
+    assert errs["gptq"][0] < errs["rtn"][0]  # and the whole model's output follows
+
+
+def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
+    calib = _calib()
+    cfg = QuantConfig(method="rpiq", grid=GridConfig(bits=4, group_size=32))
+    full = quantize_model(tiny_model("qwen2"), calib, cfg, progress=False)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_first(index, total, reports):
+        if index == 0:
+            raise Interrupt
+
+    state = tmp_path / "state"
+    with pytest.raises(Interrupt):
+        quantize_model(
+            tiny_model("qwen2"), calib, cfg, state_dir=state, progress=False, on_layer=stop_after_first
+        )
+    assert sorted(p.name for p in state.glob("layer_*.pt")) == ["layer_0000.pt"]
+
+    redone = []
+    resumed = quantize_model(
+        tiny_model("qwen2"),
+        calib,
+        cfg,
+        state_dir=state,
+        progress=False,
+        on_layer=lambda i, total, reports: redone.append(i),
+    )
+    assert redone == [1]  # layer 0 came from disk
+    assert sorted(resumed.weights) == sorted(full.weights)
+    for name, qw in full.weights.items():
+        assert torch.equal(resumed.weights[name].codes, qw.codes), name
+        assert torch.equal(resumed.weights[name].scales, qw.scales), name
+
+    # A different configuration never reuses the stored layers.
+    other = []
+    quantize_model(
+        tiny_model("qwen2"),
+        calib,
+        cfg.model_copy(update={"method": "gptq"}),
+        state_dir=state,
+        progress=False,
+        on_layer=lambda i, total, reports: other.append(i),
+    )
+    assert other == [0, 1]
+
+
+def test_unknown_architecture_falls_back_to_discovery():
+    model = tiny_model("llama")
+    model.config.model_type = "mystery"
+    adapter = get_adapter(model)
+    assert adapter.name == "discovered:mystery"
+    assert adapter.layers_path == "model.layers"
+    assert adapter.linear_groups == LLAMA_LIKE_GROUPS
+
+
+def test_model_without_decoder_layers_is_rejected_with_the_supported_list():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(UnsupportedModelError, match="supported model types: .*llama.*opt.*qwen2"):
+        get_adapter(model)
+
+
+def test_bad_calibration_tensor():
+    with pytest.raises(ValueError, match="calibration tokens"):
+        quantize_model(tiny_model("llama"), torch.zeros(5, dtype=torch.long), progress=False)
