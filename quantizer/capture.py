@@ -20,7 +20,7 @@ from torch import nn
 from .hessian import HessianAccumulator
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Raised by hooks once everything needed from a forward pass has been captured."""
 
 
@@ -51,12 +51,12 @@ def capture_first_layer_inputs(
             captured.hidden.append(hidden_states)
             if not captured.kwargs:
                 captured.kwargs = dict(kwargs)
-            raise _StopForward
+            raise StopForward
 
     layers[0] = Catcher()
     try:
         for ids in batches:
-            with contextlib.suppress(_StopForward):
+            with contextlib.suppress(StopForward):
                 model(input_ids=ids.to(device), use_cache=False)
     finally:
         layers[0] = first
@@ -106,14 +106,14 @@ class GroupInputCatcher:
                     self.accumulate(self.inputs)
                     self.inputs = {}
                 if self.stop:
-                    raise _StopForward
+                    raise StopForward
 
         return hook
 
     def run(self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
         """One forward of `layer` (stopped early once every member has its input)."""
         self.inputs = {}
-        with contextlib.suppress(_StopForward):
+        with contextlib.suppress(StopForward):
             run_layer(layer, hidden, kwargs)
         missing = set(self.modules) - set(self.inputs)
         if missing:

@@ -79,17 +79,13 @@ class RefineConfig(_Frozen):
 
     rounds: int = Field(4, ge=0, description="maximum Gauss-Seidel sweeps over all blocks (R)")
     alpha: float = Field(1.0, gt=0.0, le=2.0, description="step toward the block optimum; 1 = exact")
-    block_size: int | None = Field(
-        None, ge=1, description="columns per refinement block; None = stage 1's block size"
-    )
+    block_size: int | None = Field(None, ge=1, description="columns per refinement block; None = stage 1's block size")
     accept: Literal["row", "block", "always"] = Field(
         "row",
         description="closed-loop acceptance: keep a row's (or the whole block's) new codes only if its "
         "loss decreased; 'always' disables the closed loop (for ablations)",
     )
-    backtrack: int = Field(
-        1, ge=0, description="after a rejected step, retry with alpha halved up to this many times"
-    )
+    backtrack: int = Field(1, ge=0, description="after a rejected step, retry with alpha halved up to this many times")
     tol: float = Field(1e-4, ge=0.0, description="stop early when a round lowers the loss by less than this")
     instance_residual: Literal["hybrid", "raw"] = Field(
         "hybrid",

@@ -53,8 +53,7 @@ def load_text(source: str) -> str:
     path = Path(source).expanduser()
     if not path.is_file():
         raise ValueError(
-            f"Text source {source!r} is neither a built-in name ({', '.join(BUILTIN_NAMES)}) "
-            f"nor an existing file."
+            f"Text source {source!r} is neither a built-in name ({', '.join(BUILTIN_NAMES)}) nor an existing file."
         )
     try:
         return path.read_text(encoding="utf-8")
@@ -181,9 +180,7 @@ def evaluation_windows(
     ids = tokenize_text(tokenizer, text)
     n_windows = ids.numel() // seqlen
     if n_windows == 0:
-        raise ValueError(
-            f"Evaluation text has {ids.numel()} tokens, fewer than one window of seqlen = {seqlen}."
-        )
+        raise ValueError(f"Evaluation text has {ids.numel()} tokens, fewer than one window of seqlen = {seqlen}.")
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
     return ids[: n_windows * seqlen].reshape(n_windows, seqlen).contiguous()

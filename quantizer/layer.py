@@ -43,9 +43,7 @@ def validate_inputs(W: torch.Tensor, H: torch.Tensor) -> None:
         bad = int((~torch.isfinite(W)).sum())
         raise ValueError(f"weight contains {bad} NaN/Inf values")
     if tuple(H.shape) != (W.shape[1], W.shape[1]):
-        raise ValueError(
-            f"Hessian shape {tuple(H.shape)} does not match the weight's {W.shape[1]} input features"
-        )
+        raise ValueError(f"Hessian shape {tuple(H.shape)} does not match the weight's {W.shape[1]} input features")
     if not torch.isfinite(H).all():
         raise ValueError("Hessian contains NaN or Inf values")
 

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 
 from models.adapters import ModelAdapter, get_adapter
 
-from .capture import GroupInputCatcher, LayerInputs, capture_first_layer_inputs, run_layer
+from .capture import GroupInputCatcher, LayerInputs, StopForward, capture_first_layer_inputs, run_layer
 from .config import QuantConfig
 from .layer import Instance, quantize_weight
 from .result import LayerReport, QuantizedWeight
@@ -80,9 +81,7 @@ def quantize_model(
     cfg = config or QuantConfig()
     cal = calibration or CalibrationConfig()
     if calib.ndim != 2 or calib.numel() == 0:
-        raise ValueError(
-            f"calibration tokens must be a non-empty [nsamples, seqlen] tensor, got {tuple(calib.shape)}"
-        )
+        raise ValueError(f"calibration tokens must be a non-empty [nsamples, seqlen] tensor, got {tuple(calib.shape)}")
     device = torch.device(device)
     adapter = get_adapter(model)
     model.eval()
@@ -145,9 +144,7 @@ def _quantize_group(
     weights, reports = {}, []
     for name, module in catcher.modules.items():
         inst = instances.get(name) if instances else None
-        qw, rep = quantize_weight(
-            module.weight, catcher.hessian(name), cfg, instance=inst, name=f"{prefix}.{name}"
-        )
+        qw, rep = quantize_weight(module.weight, catcher.hessian(name), cfg, instance=inst, name=f"{prefix}.{name}")
         _set_weight(module, qw)
         weights[f"{prefix}.{name}"] = qw
         reports.append(rep)
@@ -213,12 +210,18 @@ def stream_hessians(
         ]
         for i in layer_indices
     ]
+
+    # Nothing after the last chosen layer is needed (not even the LM head): stop there.
+    def stop(module: nn.Module, args: tuple, output: object) -> None:
+        raise StopForward
+
+    stopper = layers[max(layer_indices)].register_forward_hook(stop)
     try:
-        for ids in tqdm(
-            calib.split(1), desc="hessians (single pass)", disable=not progress, dynamic_ncols=True
-        ):
-            model(input_ids=ids.to(device), use_cache=False)
+        for ids in tqdm(calib.split(1), desc="hessians (single pass)", disable=not progress, dynamic_ncols=True):
+            with contextlib.suppress(StopForward):
+                model(input_ids=ids.to(device), use_cache=False)
     finally:
+        stopper.remove()
         for catchers in per_layer:
             for c in catchers:
                 c.remove()

@@ -47,9 +47,7 @@ class HessianResidual:
     The constant linear term `c` (zero here) is what the hybrid single-instance residual adds.
     """
 
-    def __init__(
-        self, W: torch.Tensor, Q: torch.Tensor, H0: torch.Tensor, offset: torch.Tensor | None = None
-    ):
+    def __init__(self, W: torch.Tensor, Q: torch.Tensor, H0: torch.Tensor, offset: torch.Tensor | None = None):
         self.H0 = H0
         self.offset = offset
         self.G = (W - Q) @ H0
@@ -76,8 +74,7 @@ class HessianResidual:
 def _check_instance(Xq: torch.Tensor, Y: torch.Tensor, Q: torch.Tensor) -> None:
     if Xq.shape[0] != Y.shape[0] or Xq.shape[1] != Q.shape[1] or Y.shape[1] != Q.shape[0]:
         raise ValueError(
-            f"instance shapes do not match the layer: Xq {tuple(Xq.shape)}, Y {tuple(Y.shape)}, "
-            f"weight {tuple(Q.shape)}"
+            f"instance shapes do not match the layer: Xq {tuple(Xq.shape)}, Y {tuple(Y.shape)}, weight {tuple(Q.shape)}"
         )
 
 
@@ -167,9 +164,7 @@ def refine(
     for _ in range(cfg.rounds):
         accepted = torch.zeros(W.shape[0], dtype=torch.bool, device=W.device)
         for b, Hinv, U in zip(blocks, Hjj_inv, Ujj, strict=True):
-            acc = _refine_block(
-                W, Q, codes, E, residual, b, Hinv, U, damp, col_group, scales, zeros, grid, cfg
-            )
+            acc = _refine_block(W, Q, codes, E, residual, b, Hinv, U, damp, col_group, scales, zeros, grid, cfg)
             accepted |= acc
         accepted_rounds.append(float(accepted.float().mean()))
         objective.append(residual.objective(E))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -21,22 +21,22 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 out = Console()
 
 
-class Method(str, Enum):
+class Method(StrEnum):
     rtn = "rtn"
     gptq = "gptq"
     rpiq = "rpiq"
 
 
-class Calib(str, Enum):
+class Calib(StrEnum):
     sequential = "sequential"
     single_instance = "single-instance"
 
 
-class Format(str, Enum):
+class Format(StrEnum):
     gptq = "gptq"
     gptq_v2 = "gptq_v2"
 
@@ -68,13 +68,21 @@ def quantize(
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     dtype: Annotated[str, typer.Option(help="compute dtype: float32, bfloat16, float16")] = "float32",
     checkpoint_format: Annotated[
-        Format, typer.Option(help="gptq (v1, zeros stored minus one; widest support) or gptq_v2 (exact)")
-    ] = Format.gptq,
+        Format,
+        typer.Option(
+            help="gptq_v2: zeros stored exactly (GPTQModel, transformers); gptq: legacy v1 form storing "
+            "zero-1 (vLLM and older loaders; forces zero points >= 1)"
+        ),
+    ] = Format.gptq_v2,
     eval_text: Annotated[
-        str | None, typer.Option("--eval", help="also measure perplexity before/after: 'heldout', 'wikitext' or FILE")
+        str | None,
+        typer.Option("--eval", help="also measure perplexity before/after: 'heldout', 'wikitext' or FILE"),
     ] = None,
     eval_seqlen: Annotated[int, typer.Option(help="tokens per evaluation window")] = 512,
     eval_windows: Annotated[int | None, typer.Option(help="cap on evaluation windows (quick runs)")] = None,
+    save_dtype: Annotated[
+        str, typer.Option(help="dtype of the unquantized tensors: float16, bfloat16 (Gemma), float32")
+    ] = "float16",
     resume: Annotated[bool, typer.Option(help="resume an interrupted run from OUT.rpiq-state")] = True,
     progress: Annotated[bool, typer.Option(help="progress bars")] = True,
 ) -> None:
@@ -85,17 +93,22 @@ def quantize(
     from quantizer.config import GPTQConfig, GridConfig, QuantConfig, RefineConfig
     from quantizer.data import calibration_windows, evaluation_windows, load_text
     from quantizer.evaluate import perplexity
-    from quantizer.loading import ModelLoadError, load_fp_model
+    from quantizer.loading import DTYPES, ModelLoadError, load_fp_model
     from quantizer.pipeline import CalibrationConfig, quantize_model
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         _fail("--device cuda was given but no CUDA GPU is available")
     try:
+        if save_dtype not in DTYPES:
+            raise ValueError(f"--save-dtype {save_dtype!r} is not one of {', '.join(DTYPES)}")
         refine_kw = {k: v for k, v in {"rounds": rounds, "alpha": alpha}.items() if v is not None}
         config = QuantConfig(
             method=method.value,
             grid=GridConfig(
-                bits=bits, group_size=group_size, sym=sym, min_zero=1 if checkpoint_format == Format.gptq else 0
+                bits=bits,
+                group_size=group_size,
+                sym=sym,
+                min_zero=1 if checkpoint_format == Format.gptq else 0,
             ),
             gptq=GPTQConfig(block_size=block_size, percdamp=percdamp, act_order=act_order, static_groups=static_groups),
             refine=RefineConfig(**refine_kw),
@@ -124,7 +137,14 @@ def quantize(
     state_dir = out_dir.with_name(out_dir.name + ".rpiq-state") if resume else None
     t0 = time.perf_counter()
     result = quantize_model(
-        m, windows, config, calibration, device=device, state_dir=state_dir, run_id=str(where), progress=progress
+        m,
+        windows,
+        config,
+        calibration,
+        device=device,
+        state_dir=state_dir,
+        run_id=str(where),
+        progress=progress,
     )
     report["quantize_seconds"] = time.perf_counter() - t0
     report["layer_loss_sum"] = result.total_loss
@@ -138,7 +158,16 @@ def quantize(
         "config": config.model_dump(),
         "layer_loss_sum": result.total_loss,
     }
-    save_quantized(m, result.weights, out_dir, tokenizer=tok, checkpoint_format=checkpoint_format.value, rpiq_meta=meta)
+    save_quantized(
+        m,
+        result.weights,
+        out_dir,
+        tokenizer=tok,
+        checkpoint_format=checkpoint_format.value,
+        dtype=DTYPES[save_dtype],
+        rpiq_meta=meta,
+        quant_config=config,
+    )
     (out_dir / "rpiq_layers.json").write_text(json.dumps([r.as_dict() for r in result.reports], indent=1))
     if state_dir is not None:
         import shutil
@@ -185,8 +214,12 @@ def _print_summary(report: dict) -> None:
 
 @app.command("eval")
 def eval_(
-    model: Annotated[str | None, typer.Argument(help="model or quantized checkpoint directory; omit for default")] = None,
-    ppl: Annotated[str, typer.Option(help="'heldout' (built-in), 'wikitext' (local datasets cache) or FILE")] = "heldout",
+    model: Annotated[
+        str | None, typer.Argument(help="model or quantized checkpoint directory; omit for default")
+    ] = None,
+    ppl: Annotated[
+        str, typer.Option(help="'heldout' (built-in), 'wikitext' (local datasets cache) or FILE")
+    ] = "heldout",
     seqlen: Annotated[int, typer.Option(help="tokens per window")] = 2048,
     max_windows: Annotated[int | None, typer.Option(help="cap on windows (quick runs)")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",

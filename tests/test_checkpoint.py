@@ -393,9 +393,7 @@ def test_group_size_must_divide_in_features(tmp_path):
     lin = model.get_submodule(Q_PROJ)
     X = torch.randn(128, 64)
     qw, _ = quantize_weight(lin.weight.detach(), 2.0 / 128 * X.t() @ X, cfg)
-    with pytest.raises(
-        ValueError, match=r"q_proj \(out_features=64, in_features=64\): group_size=48 must divide"
-    ):
+    with pytest.raises(ValueError, match=r"q_proj \(out_features=64, in_features=64\): group_size=48 must divide"):
         save_quantized(model, {Q_PROJ: qw}, tmp_path / "ck")
 
 
@@ -481,9 +479,7 @@ def test_config_errors(saved):
         with pytest.raises(CheckpointError, match=message):
             load_quantized_state(saved)
     (saved / "quantize_config.json").unlink()
-    (saved / "config.json").write_text(
-        json.dumps({k: v for k, v in config.items() if k != "quantization_config"})
-    )
+    (saved / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "quantization_config"}))
     with pytest.raises(CheckpointError, match="no 'quantization_config'"):
         load_quantized_state(saved)
     (saved / "config.json").unlink()
@@ -547,9 +543,7 @@ def test_gptqmodel_loads_our_checkpoints(llama, quantized, tmp_path):
     cases += [("sym", "gptq")]
     paths = {}
     for case, fmt in cases:
-        paths[case] = str(
-            save_quantized(llama, quantized(case), tmp_path / case, checkpoint_format=fmt, tokenizer=tok)
-        )
+        paths[case] = str(save_quantized(llama, quantized(case), tmp_path / case, checkpoint_format=fmt, tokenizer=tok))
     result_file = tmp_path / "gptqmodel.pt"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "TORCHDYNAMO_DISABLE": "1"}
     proc = subprocess.run(

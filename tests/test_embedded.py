@@ -195,9 +195,7 @@ def test_stale_incomplete_dir_is_replaced(clean_env: pytest.MonkeyPatch, tmp_pat
     assert (out / MARKER_NAME).is_file()
 
 
-def test_leftover_temp_dirs_from_killed_builder_are_removed(
-    clean_env: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_leftover_temp_dirs_from_killed_builder_are_removed(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
     leftover = tmp_path / f".{DEFAULT_MODEL_NAME}.tmp-killed"
     (leftover / "download").mkdir(parents=True)
     gguf = tmp_path / "m.gguf"
@@ -258,9 +256,7 @@ def test_real_default_model_answers(default_model_dir: Path) -> None:
     assert sum(isinstance(m, LlamaDecoderLayer) for m in model.modules()) == 30
 
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    inputs = tok.apply_chat_template(
-        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
+    inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=24, do_sample=False)
     answer = tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -34,11 +34,7 @@ def _logits(model, ids):
 
 
 def _linears(model, adapter):
-    return [
-        f"{adapter.layers_path}.{i}.{n}"
-        for i in range(len(adapter.layers(model)))
-        for n in adapter.linear_names()
-    ]
+    return [f"{adapter.layers_path}.{i}.{n}" for i in range(len(adapter.layers(model))) for n in adapter.linear_names()]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -109,9 +105,7 @@ def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
 
     state = tmp_path / "state"
     with pytest.raises(Interrupt):
-        quantize_model(
-            tiny_model("qwen2"), calib, cfg, state_dir=state, progress=False, on_layer=stop_after_first
-        )
+        quantize_model(tiny_model("qwen2"), calib, cfg, state_dir=state, progress=False, on_layer=stop_after_first)
     assert sorted(p.name for p in state.glob("layer_*.pt")) == ["layer_0000.pt"]
 
     redone = []
@@ -153,7 +147,7 @@ def test_unknown_architecture_falls_back_to_discovery():
 
 def test_model_without_decoder_layers_is_rejected_with_the_supported_list():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    with pytest.raises(UnsupportedModelError, match="supported model types: .*llama.*opt.*qwen2"):
+    with pytest.raises(UnsupportedModelError, match=r"supported model types: .*llama.*opt.*qwen2"):
         get_adapter(model)
 
 

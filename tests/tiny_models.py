@@ -55,10 +55,7 @@ CONFIGS = {
 def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     config = CONFIGS[arch]()
-    if arch == "llava":
-        model = LlavaForConditionalGeneration(config)
-    else:
-        model = AutoModelForCausalLM.from_config(config)
+    model = LlavaForConditionalGeneration(config) if arch == "llava" else AutoModelForCausalLM.from_config(config)
     # Random init gives near-identical tiny weights everywhere; widen them so that quantization
     # error is far above float noise and the methods can be told apart.
     with torch.no_grad():

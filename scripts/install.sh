@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs rpiq into ./.venv (idempotent). CPU by default: torch is pinned to the 2.13.0 CPU
+# wheel; on a GPU machine set RPIQ_TORCH (e.g. RPIQ_TORCH="torch==2.13.0" from a CUDA index)
+# or preinstall torch into .venv first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+"$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11), f"rpiq needs Python 3.11, found {sys.version}"'
+
+# Debian packages the project needs (none yet for the quantizer; the server adds espeak-ng).
+APT_PACKAGES=()
+if [ ${#APT_PACKAGES[@]} -gt 0 ] && command -v apt-get >/dev/null; then
+  missing=()
+  for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  if [ ${#missing[@]} -gt 0 ]; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${missing[@]}"
+  fi
+fi
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
+  .venv/bin/python -m pip install -q "${RPIQ_TORCH:-torch==2.13.0}"
+fi
+.venv/bin/python -m pip install -q -e '.[dev]'
+echo "rpiq installed in $(pwd)/.venv  (activate: source .venv/bin/activate)"

@@ -1,0 +1,109 @@
+"""The `rpiq` command line, end to end on a small local model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from typer.testing import CliRunner
+
+from models.checkpoint import load_quantized_state
+from rpiq.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def small_model_dir(tmp_path_factory, default_model_dir):
+    """A 2-layer Llama with the embedded model's real tokenizer, saved like any local model."""
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    path = tmp_path_factory.mktemp("small") / "small-llama"
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _json_tail(output: str) -> dict:
+    return json.loads(output[output.index("{") :])
+
+
+def test_quantize_then_eval_a_checkpoint(small_model_dir, tmp_path):
+    out = tmp_path / "q"
+    args = [
+        "quantize", str(small_model_dir), "--out", str(out), "--method", "rpiq", "--bits", "4",
+        "--group-size", "32", "--nsamples", "4", "--seqlen", "64", "--eval", "heldout",
+        "--eval-seqlen", "64", "--eval-windows", "2", "--no-progress",
+    ]  # fmt: skip
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    report = _json_tail(res.output)
+    assert report["ppl_fp"] > 1 and report["ppl_quantized"] > 1
+    assert report["size_checkpoint_bytes"] < report["size_fp16_bytes"]
+    ckpt = load_quantized_state(out)
+    assert ckpt.quant["bits"] == 4 and ckpt.quant["group_size"] == 32
+    assert ckpt.quant["checkpoint_format"] == "gptq_v2"
+    assert len(ckpt.weights) == 14  # 7 linears x 2 layers
+    assert not (tmp_path / "q.rpiq-state").exists()  # resume state removed after success
+    layers = json.loads((out / "rpiq_layers.json").read_text())
+    assert all(r["loss_final"] <= r["loss_gptq"] * (1 + 1e-6) for r in layers)
+
+    # `rpiq eval` on the checkpoint measures the same model the quantizer left in memory.
+    res = runner.invoke(app, ["eval", str(out), "--ppl", "heldout", "--seqlen", "64", "--max-windows", "2"])
+    assert res.exit_code == 0, res.output
+    assert _json_tail(res.output)["ppl"] == pytest.approx(report["ppl_quantized"], rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--bits", "5"], "bits=5 is not supported"),
+        (["--group-size", "0"], "group_size=0 is invalid"),
+        (["--calib-data", "/no/such/file.txt"], "neither a built-in name"),
+        (["--seqlen", "1000000"], "tokens"),
+        (["--save-dtype", "int8"], "--save-dtype"),
+    ],
+)
+def test_bad_options_give_a_clear_message_not_a_traceback(small_model_dir, tmp_path, args, message):
+    res = runner.invoke(app, ["quantize", str(small_model_dir), "--out", str(tmp_path / "x"), *args])
+    assert res.exit_code == 2, res.output
+    assert message in res.output
+    assert "Traceback" not in res.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_model_directory(tmp_path):
+    res = runner.invoke(app, ["quantize", str(tmp_path), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2
+    assert "no config.json" in res.output
+
+
+def test_unfinished_commands_say_so():
+    res = runner.invoke(app, ["serve"])
+    assert res.exit_code == 3
+    assert "not implemented yet" in res.output
+
+
+def test_help_lists_every_command():
+    res = runner.invoke(app, ["--help"])
+    assert res.exit_code == 0
+    for command in ("quantize", "eval", "serve", "bench"):
+        assert command in res.output
+
+
+def test_model_that_is_neither_a_directory_nor_cached(tmp_path):
+    res = runner.invoke(app, ["quantize", "no-such-org/no-such-model", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2
+    assert "never downloads from a model hub" in res.output
+    assert "Traceback" not in res.output
