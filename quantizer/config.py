@@ -85,7 +85,7 @@ class RefineConfig(_Frozen):
         description="closed-loop acceptance: keep a row's (or the whole block's) new codes only if its "
         "loss decreased; 'always' disables the closed loop (for ablations)",
     )
-    backtrack: int = Field(1, ge=0, description="after a rejected step, retry with alpha halved up to this many times")
+    backtrack: int = Field(0, ge=0, description="after a rejected step, retry with alpha halved up to this many times")
     tol: float = Field(1e-4, ge=0.0, description="stop early when a round lowers the loss by less than this")
     instance_residual: Literal["hybrid", "raw"] = Field(
         "hybrid",
