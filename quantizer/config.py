@@ -87,17 +87,12 @@ class RefineConfig(_Frozen):
     )
     backtrack: int = Field(0, ge=0, description="after a rejected step, retry with alpha halved up to this many times")
     tol: float = Field(1e-4, ge=0.0, description="stop early when a round lowers the loss by less than this")
-    instance_residual: Literal["hybrid", "raw"] = Field(
-        "hybrid",
-        description="single-instance residual: 'hybrid' = global Hessian curvature plus the kept batch's "
-        "upstream-error term; 'raw' = the kept batch's residual R^T Xq alone",
-    )
     instance_weight: float = Field(
-        1.0,
+        0.5,
         ge=0.0,
         le=1.0,
-        description="hybrid residual: weight of the kept batch's upstream-error term (0 = refine on the "
-        "global Hessian alone, 1 = full compensation of the kept batch's upstream error)",
+        description="single-instance calibration: weight w of the kept batch's real output error in the "
+        "stage-2 objective (1-w) tr(E H E^T) + w 2/n ||Y - Xq Wq^T||^2; 1 = the batch alone, 0 = Hessian only",
     )
     refit_grid: bool = Field(
         False, description="re-fit each group's scale/zero to the refinement target before re-quantizing"

@@ -13,7 +13,7 @@ from .config import QuantConfig
 from .gptq import gptq_quantize
 from .grid import column_groups, fit_params, quantize_codes
 from .hessian import inverse_cholesky_upper, prepare_hessian
-from .refine import HessianResidual, HybridInstanceResidual, InstanceResidual, refine
+from .refine import HessianResidual, InstanceResidual, refine
 from .result import LayerReport, QuantizedWeight
 
 
@@ -127,12 +127,9 @@ def _quantize_weight(
         H0p = H0[perm][:, perm]
         if instance is None:
             residual = HessianResidual(Wp, Q, H0p)
-        elif cfg.refine.instance_residual == "hybrid":
-            residual = HybridInstanceResidual(
-                Wp, Q, H0p, instance.Xq.to(device)[:, perm], instance.Y.to(device), cfg.refine.instance_weight
-            )
         else:
-            residual = InstanceResidual(instance.Xq.to(device)[:, perm], instance.Y.to(device), Q)
+            Xq, Y = instance.Xq.to(device)[:, perm], instance.Y.to(device)
+            residual = InstanceResidual(Wp, Q, H0p, Xq, Y, cfg.refine.instance_weight)
         outcome = refine(
             Wp,
             Q,

@@ -14,17 +14,14 @@ are computed per row, and `accept="row"` keeps the rows that improved. The loss 
 block step `D_j` (the change of `E_j`) is `2 <D_j, G_j> + <D_j C_jj, D_j>`, so no full loss is
 ever recomputed.
 
-Three residual sources share that loop (`rpiq.md`, "single-instance calibration"):
+Two residual sources share that loop (`rpiq.md`, "single-instance calibration"):
 - `HessianResidual`: `G = E H` from the global calibration Hessian (maintained incrementally);
-- `InstanceResidual` ("raw"): one kept batch run through the partly quantized network,
-  `R = Y - Xq Wq^T` against the full-precision outputs `Y`, `G_j = 2/n R^T Xq_j` (instantaneous
-  curvature, scaled like `H = 2/N X^T X`); the step is preconditioned by the global `inv(H_jj)`.
-- `HybridInstanceResidual` ("hybrid", the default): the same output error split in two,
-  `R = dX W^T + Xq E^T` with `dX = X - Xq` the upstream error. Its curvature part `2/n E Xq^T Xq`
-  is replaced by the global `E H` (estimated from every calibration token, not one batch); only
-  the cross term the global Hessian cannot know, `2/n (Y - Xq W^T)^T Xq`, comes from the kept
-  batch. It is a constant, so the refinement minimises `tr(E H E^T) + 4/n tr(M E^T)`: each
-  layer compensates what earlier layers got wrong without overfitting one batch's curvature.
+- `InstanceResidual`: one kept batch run through the partly quantized network,
+  `R = Y - Xq Wq^T` against the full-precision outputs `Y`. Its objective, `2/n ||R||^2`, is the
+  real output error of this layer including what earlier layers got wrong; its gradient is
+  `G_j = 2/n R^T Xq_j` (scaled like `H = 2/N X^T X`). One batch is a noisy estimate, so it is
+  blended with the global loss, `(1-w) tr(E H E^T) + w 2/n ||R||^2` (`instance_weight` = w);
+  the step is preconditioned by the global `inv(H_jj)` either way.
 
 Acceptance always measures the undamped objective; damping only stabilises the step.
 """
@@ -42,17 +39,11 @@ from .hessian import inverse_cholesky_upper
 
 
 class HessianResidual:
-    """`G = E H0 + c` for the global (undamped) Hessian `H0`, kept up to date block by block.
+    """`G = E H0` for the global (undamped) Hessian `H0`, kept up to date block by block."""
 
-    The constant linear term `c` (zero here) is what the hybrid single-instance residual adds.
-    """
-
-    def __init__(self, W: torch.Tensor, Q: torch.Tensor, H0: torch.Tensor, offset: torch.Tensor | None = None):
+    def __init__(self, W: torch.Tensor, Q: torch.Tensor, H0: torch.Tensor):
         self.H0 = H0
-        self.offset = offset
         self.G = (W - Q) @ H0
-        if offset is not None:
-            self.G += offset
 
     def gradient(self, cols: slice) -> torch.Tensor:
         return self.G[:, cols]
@@ -65,63 +56,57 @@ class HessianResidual:
         self.G.add_(D @ self.H0[cols, :])
 
     def objective(self, E: torch.Tensor) -> float:
-        """`tr(E H0 E^T) + 2 tr(c E^T)` (the constant part of the output error is left out)."""
-        if self.offset is None:
-            return float(torch.sum(self.G * E))
-        return float(torch.sum((self.G + self.offset) * E))
-
-
-def _check_instance(Xq: torch.Tensor, Y: torch.Tensor, Q: torch.Tensor) -> None:
-    if Xq.shape[0] != Y.shape[0] or Xq.shape[1] != Q.shape[1] or Y.shape[1] != Q.shape[0]:
-        raise ValueError(
-            f"instance shapes do not match the layer: Xq {tuple(Xq.shape)}, Y {tuple(Y.shape)}, weight {tuple(Q.shape)}"
-        )
-
-
-class HybridInstanceResidual(HessianResidual):
-    """Global curvature plus the kept batch's upstream-error term `c = 2/n (Y - Xq W^T)^T Xq`."""
-
-    def __init__(
-        self,
-        W: torch.Tensor,
-        Q: torch.Tensor,
-        H0: torch.Tensor,
-        Xq: torch.Tensor,
-        Y: torch.Tensor,
-        weight: float = 1.0,
-    ):
-        _check_instance(Xq, Y, Q)
-        Xq = Xq.float()
-        offset = (weight * 2.0 / Xq.shape[0]) * ((Y.float() - Xq @ W.t()).t() @ Xq)
-        super().__init__(W, Q, H0, offset)
+        return float(torch.sum(self.G * E))
 
 
 class InstanceResidual:
-    """The single-instance residual of one kept batch: `R = Y - Xq Wq^T`, `G_j = 2/n R^T Xq_j`.
+    """`(1-w) tr(E H0 E^T) + w 2/n ||Y - Xq Wq^T||^2` for one kept batch, kept up to date.
 
-    `Xq` [n, in] is the layer's real (already degraded) input in working column order and `Y`
+    `Xq` [n, in] is the layer's real (already degraded) input in working column order, `Y`
     [n, out] the full-precision layer's output on the full-precision input of the same tokens.
+    Why the blend: with w = 1 a layer fits one batch's curvature exactly and overfits it (a
+    measured failure mode); the global term keeps every direction the calibration set saw.
+    The objective is a sum of two positive semi-definite quadratics, so it cannot run away.
     """
 
-    def __init__(self, Xq: torch.Tensor, Y: torch.Tensor, Q: torch.Tensor):
-        _check_instance(Xq, Y, Q)
+    def __init__(
+        self, W: torch.Tensor, Q: torch.Tensor, H0: torch.Tensor, Xq: torch.Tensor, Y: torch.Tensor, weight: float
+    ):
+        if Xq.shape[0] != Y.shape[0] or Xq.shape[1] != Q.shape[1] or Y.shape[1] != Q.shape[0]:
+            raise ValueError(
+                f"instance shapes do not match the layer: Xq {tuple(Xq.shape)}, Y {tuple(Y.shape)}, "
+                f"weight {tuple(Q.shape)}"
+            )
+        self.w = weight
+        self.hessian = HessianResidual(W, Q, H0) if weight < 1 else None
         self.Xq = Xq.float()
         self.scale = 2.0 / Xq.shape[0]
         self.R = Y.float() - self.Xq @ Q.t()
 
     def gradient(self, cols: slice) -> torch.Tensor:
-        return self.scale * (self.R.t() @ self.Xq[:, cols])
+        g = (self.w * self.scale) * (self.R.t() @ self.Xq[:, cols])
+        if self.hessian is not None:
+            g += (1 - self.w) * self.hessian.gradient(cols)
+        return g
 
     def curvature(self, cols: slice) -> torch.Tensor:
         X = self.Xq[:, cols]
-        return self.scale * (X.t() @ X)
+        c = (self.w * self.scale) * (X.t() @ X)
+        if self.hessian is not None:
+            c += (1 - self.w) * self.hessian.curvature(cols)
+        return c
 
     def update(self, cols: slice, D: torch.Tensor) -> None:
         """`E[:, cols] += D` means `Wq[:, cols] -= D`, so `R += Xq_j D^T`."""
         self.R.add_(self.Xq[:, cols] @ D.t())
+        if self.hessian is not None:
+            self.hessian.update(cols, D)
 
     def objective(self, E: torch.Tensor) -> float:
-        return float(self.scale * torch.sum(self.R * self.R))
+        value = self.w * self.scale * float(torch.sum(self.R * self.R))
+        if self.hessian is not None:
+            value += (1 - self.w) * self.hessian.objective(E)
+        return value
 
 
 Residual = HessianResidual | InstanceResidual
