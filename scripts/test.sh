@@ -3,5 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+# Third-party GPTQ loaders that our checkpoints are checked against (test-only, see the file).
+.venv/bin/python -c 'import importlib.util as u, sys; sys.exit(u.find_spec("gptqmodel") is None)' 2>/dev/null \
+  || .venv/bin/python -m pip install -q --no-deps -r tests/requirements-thirdparty.txt
 .venv/bin/ruff check .
 exec .venv/bin/python -m pytest -q "$@"
