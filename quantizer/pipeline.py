@@ -98,13 +98,26 @@ def quantize_model(
         result.weights.update(weights)
         result.reports.extend(reports)
 
+    total = len(adapter.layers(model))
+    bar = tqdm(
+        total=total, initial=len(done), desc=f"quantize ({cal.mode})", unit="layer", disable=not progress,
+        dynamic_ncols=True,
+    )  # fmt: skip
+
     def finish_layer(index: int, weights: dict[str, QuantizedWeight], reports: list[LayerReport]) -> None:
         result.weights.update(weights)
         result.reports.extend(reports)
         if state is not None:
             state.save_layer(index, weights, reports)
+        if on_layer:
+            on_layer(index, total, reports)
+        bar.update(1)
+        bar.set_postfix(loss=f"{sum(r.loss_final for r in reports):.4g}")
 
-    runner(model, adapter, calib, cfg, cal, device, done, finish_layer, progress, on_layer)
+    try:
+        runner(model, adapter, calib, cfg, cal, device, done, finish_layer, progress)
+    finally:
+        bar.close()
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -151,15 +164,10 @@ def _quantize_group(
     return weights, reports
 
 
-def _progress(total: int, start: int, enabled: bool, desc: str) -> tqdm:
-    return tqdm(total=total, initial=start, desc=desc, unit="layer", disable=not enabled, dynamic_ncols=True)
-
-
-def _sequential(model, adapter, calib, cfg, cal, device, done, finish_layer, progress, on_layer) -> None:
+def _sequential(model, adapter, calib, cfg, cal, device, done, finish_layer, progress) -> None:
     layers = adapter.layers(model)
     _preamble_to(model, layers, device)
     inputs: LayerInputs = capture_first_layer_inputs(model, layers, calib.split(1), device)
-    bar = _progress(len(layers), len(done), progress, "quantize (sequential)")
     for index, layer in enumerate(layers):
         layer.to(device)
         prefix = _layer_prefix(adapter, index)
@@ -179,14 +187,9 @@ def _sequential(model, adapter, calib, cfg, cal, device, done, finish_layer, pro
                 layer_weights.update(w)
                 layer_reports.extend(r)
             finish_layer(index, layer_weights, layer_reports)
-            if on_layer:
-                on_layer(index, len(layers), layer_reports)
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(r.loss_final for r in layer_reports):.4g}")
         inputs.hidden = [run_layer(layer, h, inputs.kwargs) for h in inputs.hidden]
         if device.type != "cpu":
             layer.to("cpu")
-    bar.close()
 
 
 def stream_hessians(
@@ -228,7 +231,7 @@ def stream_hessians(
     return per_layer
 
 
-def _single_instance(model, adapter, calib, cfg, cal, device, done, finish_layer, progress, on_layer) -> None:
+def _single_instance(model, adapter, calib, cfg, cal, device, done, finish_layer, progress) -> None:
     layers = adapter.layers(model)
     _preamble_to(model, layers, device)
     for layer in layers:
@@ -241,7 +244,6 @@ def _single_instance(model, adapter, calib, cfg, cal, device, done, finish_layer
     fp_in = capture_first_layer_inputs(model, layers, [kept], device)
     fp_hidden, kwargs = fp_in.hidden[0], fp_in.kwargs
     q_hidden = fp_hidden.clone()
-    bar = _progress(len(layers), len(done), progress, "quantize (single-instance)")
     for index, layer in enumerate(layers):
         prefix = _layer_prefix(adapter, index)
         # Full-precision inputs of every linear, and the layer's full-precision output.
@@ -272,14 +274,9 @@ def _single_instance(model, adapter, calib, cfg, cal, device, done, finish_layer
                 layer_weights.update(w)
                 layer_reports.extend(r)
             finish_layer(index, layer_weights, layer_reports)
-            if on_layer:
-                on_layer(index, len(layers), layer_reports)
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(r.loss_final for r in layer_reports):.4g}")
         by_layer[index] = []  # this layer's Hessians are no longer needed
         q_hidden = run_layer(layer, q_hidden, kwargs)
         fp_hidden = fp_out
-    bar.close()
     if device.type != "cpu":
         for layer in layers:
             layer.to("cpu")
