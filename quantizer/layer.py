@@ -125,7 +125,7 @@ def _quantize_weight(
     if cfg.method == "rpiq" and cfg.refine.rounds > 0:
         t1 = time.perf_counter()
         H0p = H0[perm][:, perm]
-        if instance is None:
+        if instance is None or cfg.refine.instance_weight == 0:
             residual = HessianResidual(Wp, Q, H0p)
         else:
             Xq, Y = instance.Xq.to(device)[:, perm], instance.Y.to(device)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
 
 from models.adapters import LLAMA_LIKE_GROUPS, UnsupportedModelError, discover_adapter, get_adapter
-from quantizer.config import GPTQConfig, GridConfig, QuantConfig
+from quantizer.config import GPTQConfig, GridConfig, QuantConfig, RefineConfig
 from quantizer.pipeline import CalibrationConfig, quantize_model
 from tests.tiny_models import CONFIGS, VOCAB, tiny_model
 
@@ -154,3 +155,24 @@ def test_model_without_decoder_layers_is_rejected_with_the_supported_list():
 def test_bad_calibration_tensor():
     with pytest.raises(ValueError, match="calibration tokens"):
         quantize_model(tiny_model("llama"), torch.zeros(5, dtype=torch.long), progress=False)
+
+
+def test_single_instance_blended_residual_never_raises_its_objective():
+    """With w > 0 stage 2 follows the kept window's real output error (through the partly
+    quantized model) blended with the global loss; the closed loop keeps that objective falling."""
+    model = tiny_model("llama", seed=4)
+    cfg = QuantConfig(
+        method="rpiq",
+        grid=GridConfig(bits=3, group_size=32),
+        gptq=GPTQConfig(block_size=16),
+        refine=RefineConfig(instance_weight=0.5),
+    )
+    result = quantize_model(model, _calib(8, 64), cfg, CalibrationConfig(mode="single-instance"), progress=False)
+    assert len(result.weights) == 14
+    moved = 0
+    for rep in result.reports:
+        seq = rep.objective_rounds
+        assert seq, rep.name
+        assert all(b <= a * (1 + 1e-6) + 1e-9 for a, b in itertools.pairwise(seq)), rep.name
+        moved += any(f > 0 for f in rep.accepted_rounds)
+    assert moved > 0  # the instance residual did change codes somewhere

@@ -175,7 +175,7 @@ def test_single_instance_residual_equals_hessian_residual_on_the_full_batch():
     """With the kept batch = all calibration tokens and no upstream error, `2/n R^T X_j` is
     exactly `(E H)_j`, so both residual sources must land on the same codes."""
     layer = realistic_layer(64, 128, tokens=1024, seed=9)
-    cfg = _cfg("rpiq", 3, 64, rounds=2)
+    cfg = _cfg("rpiq", 3, 64, rounds=2, instance_weight=0.5)
     qh, rh = quantize_weight(layer.W, layer.H, cfg)
     inst = Instance(Xq=layer.X, Y=layer.X @ layer.W.t())
     qi, ri = quantize_weight(layer.W, layer.H, cfg, instance=inst)
@@ -190,7 +190,7 @@ def test_single_instance_compensates_upstream_error():
     g = torch.Generator().manual_seed(0)
     Xq = layer.X + 0.05 * layer.X.std() * torch.randn(layer.X.shape, generator=g)
     Y = layer.X @ layer.W.t()
-    cfg = _cfg("rpiq", 4, 64, rounds=3)
+    cfg = _cfg("rpiq", 4, 64, rounds=3, instance_weight=1.0)
     qg, _ = quantize_weight(layer.W, layer.H, cfg.model_copy(update={"method": "gptq"}))
     qi, _ = quantize_weight(layer.W, layer.H, cfg, instance=Instance(Xq=Xq, Y=Y))
     err_gptq = torch.sum((Y - Xq @ qg.dequantize().t()) ** 2)
