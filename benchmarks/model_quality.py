@@ -27,7 +27,7 @@ def _one(job: dict) -> dict:
     import torch
 
     from models.checkpoint import save_quantized
-    from quantizer.config import GridConfig, QuantConfig
+    from quantizer.config import GridConfig, QuantConfig, RefineConfig
     from quantizer.data import calibration_windows, evaluation_windows, load_text
     from quantizer.evaluate import perplexity
     from quantizer.loading import load_fp_model
@@ -42,7 +42,11 @@ def _one(job: dict) -> dict:
         row["layer_loss_sum"] = 0.0
     else:
         calib = calibration_windows(tok, load_text("calib"), job["nsamples"], job["seqlen"], seed=job["seed"])
-        cfg = QuantConfig(method=job["method"], grid=GridConfig(bits=job["bits"], group_size=job["group_size"]))
+        cfg = QuantConfig(
+            method=job["method"],
+            grid=GridConfig(bits=job["bits"], group_size=job["group_size"]),
+            refine=RefineConfig(instance_weight=job.get("instance_weight", 0.0)),
+        )
         t0 = time.perf_counter()
         res = quantize_model(model, calib, cfg, CalibrationConfig(mode=job["calib"]), progress=False)
         row["quantize_seconds"] = time.perf_counter() - t0
@@ -66,6 +70,9 @@ def main() -> None:
     ap.add_argument("--eval", default="heldout")
     ap.add_argument("--eval-seqlen", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument(
+        "--instance-weights", default="", help="extra RPIQ single-instance runs at these w, first bit width only"
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "model_quality.json")
     args = ap.parse_args()
 
@@ -89,6 +96,9 @@ def main() -> None:
             {**base, "method": "gptq", "bits": bits, "calib": "single-instance"},
             {**base, "method": "rpiq", "bits": bits, "calib": "single-instance"},
         ]
+    first_bits = int(args.bits.split(",")[0])
+    for w in [float(x) for x in args.instance_weights.split(",") if x]:
+        jobs.append({**base, "method": "rpiq", "bits": first_bits, "calib": "single-instance", "instance_weight": w})
     rows = []
     ctx = mp.get_context("spawn")
     for job in jobs:
@@ -99,11 +109,12 @@ def main() -> None:
 
     fp = rows[0]["ppl"]
     t = Table(title=f"embedded model, {args.nsamples} x {args.seqlen} calibration tokens, g{args.group_size}")
-    for col in ("bits", "method", "calib", "ppl", "gap to FP", "layer loss", "time s", "peak RSS MB", "ckpt MB"):
+    for col in ("bits", "method", "calib", "w", "ppl", "gap to FP", "layer loss", "time s", "peak RSS MB", "ckpt MB"):
         t.add_column(col, justify="right")
     for r in rows:
         t.add_row(
-            str(r["bits"]), r["method"], r["calib"], f"{r['ppl']:.3f}", f"{r['ppl'] - fp:+.3f}",
+            str(r["bits"]), r["method"], r["calib"], str(r.get("instance_weight", "")), f"{r['ppl']:.3f}",
+            f"{r['ppl'] - fp:+.3f}",
             f"{r['layer_loss_sum']:.4g}", f"{r['quantize_seconds']:.0f}", f"{r['peak_rss_mb_before_eval']:.0f}",
             f"{r.get('checkpoint_bytes', 0) / 2**20:.1f}",
         )  # fmt: skip
