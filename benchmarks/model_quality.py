@@ -45,7 +45,7 @@ def _one(job: dict) -> dict:
         cfg = QuantConfig(
             method=job["method"],
             grid=GridConfig(bits=job["bits"], group_size=job["group_size"]),
-            refine=RefineConfig(instance_weight=job.get("instance_weight", 0.0)),
+            refine=RefineConfig(**({"instance_weight": job["instance_weight"]} if "instance_weight" in job else {})),
         )
         t0 = time.perf_counter()
         res = quantize_model(model, calib, cfg, CalibrationConfig(mode=job["calib"]), progress=False)

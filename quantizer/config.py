@@ -88,12 +88,12 @@ class RefineConfig(_Frozen):
     backtrack: int = Field(0, ge=0, description="after a rejected step, retry with alpha halved up to this many times")
     tol: float = Field(1e-4, ge=0.0, description="stop early when a round lowers the loss by less than this")
     instance_weight: float = Field(
-        0.0,
+        0.25,
         ge=0.0,
         le=1.0,
         description="single-instance calibration: weight w of the kept batch's real output error in the "
         "stage-2 objective (1-w) tr(E H E^T) + w 2/n ||Y - Xq Wq^T||^2; 1 = the batch alone, 0 = Hessian only. "
-        "Off by default: on the embedded model every w > 0 raised perplexity (README, single-instance)",
+        "Chosen by measurement on the embedded model (README, single-instance)",
     )
     refit_grid: bool = Field(
         False, description="re-fit each group's scale/zero to the refinement target before re-quantizing"

@@ -61,6 +61,12 @@ def quantize(
     rounds: Annotated[int | None, typer.Option(help="stage-2 Gauss-Seidel rounds (rpiq)")] = None,
     alpha: Annotated[float | None, typer.Option(help="stage-2 step size (rpiq)")] = None,
     calib: Annotated[Calib, typer.Option(help="calibration mode")] = Calib.sequential,
+    instance_windows: Annotated[
+        int, typer.Option(help="single-instance: calibration windows kept to drive stage 2")
+    ] = 4,
+    instance_weight: Annotated[
+        float | None, typer.Option(help="single-instance: weight of the kept batch's output error (0..1)")
+    ] = None,
     calib_data: Annotated[str, typer.Option(help="text file, or built-in 'calib'")] = "calib",
     nsamples: Annotated[int, typer.Option(help="calibration windows")] = 128,
     seqlen: Annotated[int, typer.Option(help="tokens per calibration window")] = 2048,
@@ -101,7 +107,8 @@ def quantize(
     try:
         if save_dtype not in DTYPES:
             raise ValueError(f"--save-dtype {save_dtype!r} is not one of {', '.join(DTYPES)}")
-        refine_kw = {k: v for k, v in {"rounds": rounds, "alpha": alpha}.items() if v is not None}
+        chosen = {"rounds": rounds, "alpha": alpha, "instance_weight": instance_weight}
+        refine_kw = {k: v for k, v in chosen.items() if v is not None}
         config = QuantConfig(
             method=method.value,
             grid=GridConfig(
@@ -113,7 +120,7 @@ def quantize(
             gptq=GPTQConfig(block_size=block_size, percdamp=percdamp, act_order=act_order, static_groups=static_groups),
             refine=RefineConfig(**refine_kw),
         )
-        calibration = CalibrationConfig(mode=calib.value)
+        calibration = CalibrationConfig(mode=calib.value, instance_windows=instance_windows)
         m, tok, where = load_fp_model(model, dtype)
         text = load_text(calib_data)
         windows = calibration_windows(tok, text, nsamples, seqlen, seed=seed)

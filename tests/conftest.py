@@ -17,3 +17,15 @@ def default_model_dir() -> Path:
     from models.embedded import ensure_default_model
 
     return ensure_default_model()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`cuda` tests run where a CUDA GPU is present and are skipped, saying why, elsewhere."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU on this machine")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
