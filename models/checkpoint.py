@@ -16,8 +16,8 @@ Design notes:
   vLLM and older AutoGPTQ-era loaders expect; GPTQModel refuses *asymmetric* v1 files that it did
   not produce itself (a provenance check against old AutoGPTQ bugs), so for GPTQModel prefer
   ``gptq_v2``, which also stores zeros exactly.
-* Shapes GPTQ loaders merely *assume* (in/out features divisible by the packing block,
-  group_size dividing in_features, one (bits, group_size, sym) for the whole model) are checked
+* Shapes GPTQ loaders merely *assume* (in/out features divisible by the packing block, one
+  (bits, group_size, sym) for the whole model) are checked
   up front, naming the module, so a bad checkpoint is never written.
 * Writes are atomic: everything goes into a hidden sibling directory, is fsynced, then swapped
   in with two renames. A failure leaves the old checkpoint (or nothing), never a mix that a loader
@@ -175,11 +175,10 @@ def _validate_layer(name: str, module: nn.Module | None, qw: QuantizedWeight, fm
         raise ValueError(f"{where}: in_features must be a multiple of {per_block} to pack {qw.bits}-bit qweight")
     if out_f % per_block:
         raise ValueError(f"{where}: out_features must be a multiple of {per_block} to pack {qw.bits}-bit qzeros")
-    if qw.group_size != -1 and (qw.group_size < 1 or in_f % qw.group_size):
-        raise ValueError(
-            f"{where}: group_size={qw.group_size} must divide in_features (or be -1): "
-            "GPTQ loaders allocate in_features // group_size groups"
-        )
+    # A group size that does not divide in_features leaves a shorter last group: GPTQ loaders
+    # (AutoGPTQ, GPTQModel) allocate ceil(in_features / group_size) groups, as we do.
+    if qw.group_size != -1 and qw.group_size < 1:
+        raise ValueError(f"{where}: group_size={qw.group_size} must be positive or -1")
     _validate_grid_tensors(where, qw, out_f, in_f)
     if fmt == "gptq" and bool((qw.zeros == 0).any()):
         raise ValueError(

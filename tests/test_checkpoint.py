@@ -41,6 +41,10 @@ CASES: dict[str, QuantConfig] = {
     "3bit": BASE.model_copy(update={"grid": GridConfig(bits=3, group_size=32, min_zero=1)}),
     "8bit_channel": BASE.model_copy(update={"grid": GridConfig(bits=8, group_size=-1, min_zero=1)}),
     "sym": BASE.model_copy(update={"grid": GridConfig(bits=4, group_size=32, sym=True)}),
+    # 128 > the 64 inputs of the attention projections: one short group, the shape a model with
+    # 576 inputs (the embedded one) has in its last group at g128. GPTQModel accepts only group
+    # sizes in {16, 32, ..., 1024}, so 128 it is.
+    "partial_group": BASE.model_copy(update={"grid": GridConfig(bits=4, group_size=128, min_zero=1)}),
 }
 Q_PROJ = "model.layers.0.self_attn.q_proj"
 
@@ -387,14 +391,12 @@ def test_v1_rejects_zero_point_0(llama, quantized, tmp_path):
     assert not (tmp_path / "ck").exists()
 
 
-def test_group_size_must_divide_in_features(tmp_path):
-    model = tiny_llama(layers=1)
-    cfg = BASE.model_copy(update={"grid": GridConfig(bits=4, group_size=48, min_zero=1)})
-    lin = model.get_submodule(Q_PROJ)
-    X = torch.randn(128, 64)
-    qw, _ = quantize_weight(lin.weight.detach(), 2.0 / 128 * X.t() @ X, cfg)
-    with pytest.raises(ValueError, match=r"q_proj \(out_features=64, in_features=64\): group_size=48 must divide"):
-        save_quantized(model, {Q_PROJ: qw}, tmp_path / "ck")
+def test_group_size_not_dividing_in_features_leaves_a_shorter_last_group(llama, quantized, tmp_path):
+    """GPTQ loaders allocate ceil(in_features / group_size) groups; so do we."""
+    qs = quantized("partial_group")
+    assert qs[Q_PROJ].scales.shape[0] == 1  # 64 inputs, one (short) group of 128
+    back = load_quantized_state(save_quantized(llama, qs, tmp_path / "ck", checkpoint_format="gptq_v2"))
+    assert_same_weights(back.weights, qs)
 
 
 def test_in_features_must_fill_3bit_blocks(tmp_path):
@@ -540,6 +542,7 @@ def test_gptqmodel_loads_our_checkpoints(llama, quantized, tmp_path):
         unk_token="<0>",
     )
     cases = [("g32", "gptq_v2"), ("act_order", "gptq_v2"), ("3bit", "gptq_v2"), ("8bit_channel", "gptq_v2")]
+    cases += [("partial_group", "gptq_v2")]
     cases += [("sym", "gptq")]
     paths = {}
     for case, fmt in cases:

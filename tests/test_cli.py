@@ -22,8 +22,8 @@ def small_model_dir(tmp_path_factory, default_model_dir):
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=96,  # with --group-size 64: groups of 64 + 32, a short last group as on real models
+        intermediate_size=160,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -43,7 +43,7 @@ def test_quantize_then_eval_a_checkpoint(small_model_dir, tmp_path):
     out = tmp_path / "q"
     args = [
         "quantize", str(small_model_dir), "--out", str(out), "--method", "rpiq", "--bits", "4",
-        "--group-size", "32", "--nsamples", "4", "--seqlen", "64", "--eval", "heldout",
+        "--group-size", "64", "--nsamples", "4", "--seqlen", "64", "--eval", "heldout",
         "--eval-seqlen", "64", "--eval-windows", "2", "--no-progress",
     ]  # fmt: skip
     res = runner.invoke(app, args)
@@ -52,7 +52,8 @@ def test_quantize_then_eval_a_checkpoint(small_model_dir, tmp_path):
     assert report["ppl_fp"] > 1 and report["ppl_quantized"] > 1
     assert report["size_checkpoint_bytes"] < report["size_fp16_bytes"]
     ckpt = load_quantized_state(out)
-    assert ckpt.quant["bits"] == 4 and ckpt.quant["group_size"] == 32
+    assert ckpt.quant["bits"] == 4 and ckpt.quant["group_size"] == 64
+    assert ckpt.weights["model.layers.0.mlp.down_proj"].scales.shape == (3, 96)  # 160 inputs: 64 + 64 + 32
     assert ckpt.quant["checkpoint_format"] == "gptq_v2"
     assert len(ckpt.weights) == 14  # 7 linears x 2 layers
     assert not (tmp_path / "q.rpiq-state").exists()  # resume state removed after success
