@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "layer_loss.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    console = Console()
+    console = Console(width=160)
 
     model, tok, where = load_fp_model(args.model)
     idx = [int(i) for i in args.layers.split(",")]

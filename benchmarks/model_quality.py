@@ -81,7 +81,7 @@ def main() -> None:
 
     from quantizer.loading import resolve_model
 
-    console = Console()
+    console = Console(width=160)
     model = str(resolve_model(args.model))
     base = {
         "model": model, "group_size": args.group_size, "nsamples": args.nsamples, "seqlen": args.seqlen,
