@@ -70,6 +70,8 @@ def main() -> None:
     ap.add_argument("--eval", default="heldout")
     ap.add_argument("--eval-seqlen", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--methods", default="rtn,gptq,rpiq", help="which methods to run (FP always runs)")
+    ap.add_argument("--calibs", default="sequential,single-instance", help="calibration modes for gptq/rpiq")
     ap.add_argument(
         "--instance-weights", default="", help="extra RPIQ single-instance runs at these w, first bit width only"
     )
@@ -88,14 +90,13 @@ def main() -> None:
         "seed": args.seed, "eval": args.eval, "eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows,
     }  # fmt: skip
     jobs = [{**base, "method": "fp", "bits": 16, "calib": "-"}]
+    methods, calibs = args.methods.split(","), args.calibs.split(",")
     for bits in [int(b) for b in args.bits.split(",")]:
-        jobs += [
-            {**base, "method": "rtn", "bits": bits, "calib": "sequential"},
-            {**base, "method": "gptq", "bits": bits, "calib": "sequential"},
-            {**base, "method": "rpiq", "bits": bits, "calib": "sequential"},
-            {**base, "method": "gptq", "bits": bits, "calib": "single-instance"},
-            {**base, "method": "rpiq", "bits": bits, "calib": "single-instance"},
-        ]
+        if "rtn" in methods:
+            jobs.append({**base, "method": "rtn", "bits": bits, "calib": "sequential"})
+        for calib in calibs:
+            for method in [m for m in methods if m != "rtn"]:
+                jobs.append({**base, "method": method, "bits": bits, "calib": calib})
     first_bits = int(args.bits.split(",")[0])
     for w in [float(x) for x in args.instance_weights.split(",") if x]:
         jobs.append({**base, "method": "rpiq", "bits": first_bits, "calib": "single-instance", "instance_weight": w})
