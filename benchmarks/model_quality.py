@@ -45,7 +45,10 @@ def _one(job: dict) -> dict:
         cfg = QuantConfig(
             method=job["method"],
             grid=GridConfig(bits=job["bits"], group_size=job["group_size"]),
-            refine=RefineConfig(**({"instance_weight": job["instance_weight"]} if "instance_weight" in job else {})),
+            refine=RefineConfig(
+                **job.get("refine", {}),
+                **({"instance_weight": job["instance_weight"]} if "instance_weight" in job else {}),
+            ),
         )
         t0 = time.perf_counter()
         res = quantize_model(model, calib, cfg, CalibrationConfig(mode=job["calib"]), progress=False)
@@ -75,6 +78,7 @@ def main() -> None:
     ap.add_argument(
         "--instance-weights", default="", help="extra RPIQ single-instance runs at these w, first bit width only"
     )
+    ap.add_argument("--refine", default="{}", help="stage-2 options as JSON, e.g. '{\"rounds\": 1}'")
     ap.add_argument("--out", type=Path, default=RESULTS / "model_quality.json")
     args = ap.parse_args()
 
@@ -88,6 +92,7 @@ def main() -> None:
     base = {
         "model": model, "group_size": args.group_size, "nsamples": args.nsamples, "seqlen": args.seqlen,
         "seed": args.seed, "eval": args.eval, "eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows,
+        "refine": json.loads(args.refine),
     }  # fmt: skip
     jobs = [{**base, "method": "fp", "bits": 16, "calib": "-"}]
     methods, calibs = args.methods.split(","), args.calibs.split(",")

@@ -86,6 +86,12 @@ class RefineConfig(_Frozen):
         "loss decreased; 'always' disables the closed loop (for ablations)",
     )
     backtrack: int = Field(0, ge=0, description="after a rejected step, retry with alpha halved up to this many times")
+    percdamp: float = Field(
+        0.0,
+        ge=0.0,
+        description="ridge on the stage-2 objective, as a fraction of mean(diag H): accept and step on "
+        "tr(E (H + lambda I) E^T); 0 = the undamped layer loss",
+    )
     tol: float = Field(1e-4, ge=0.0, description="stop early when a round lowers the loss by less than this")
     instance_weight: float = Field(
         0.25,

@@ -124,7 +124,12 @@ def _quantize_weight(
 
     if cfg.method == "rpiq" and cfg.refine.rounds > 0:
         t1 = time.perf_counter()
-        H0p = H0[perm][:, perm]
+        # Optional ridge on the stage-2 objective: tr(E (H + lambda_r I) E^T) keeps the refinement
+        # from moving weights far along directions the calibration data barely constrains.
+        lam_r = cfg.refine.percdamp * float(torch.mean(torch.diagonal(H0)))
+        eye = torch.eye(n, device=device)
+        H0p = H0[perm][:, perm] + lam_r * eye
+        Hp = Hp + lam_r * eye
         if instance is None or cfg.refine.instance_weight == 0:
             residual = HessianResidual(Wp, Q, H0p)
         else:
