@@ -256,3 +256,14 @@ def test_bad_accumulator_input():
     acc = HessianAccumulator(4)
     with pytest.raises(ValueError, match="input has 3 features"):
         acc.add(torch.ones(2, 3))
+
+
+def test_stage2_ridge_objective_is_monotone_and_keeps_weights_closer():
+    layer = realistic_layer(128, 256, tokens=1024, seed=13)
+    qp, _ = quantize_weight(layer.W, layer.H, _cfg("rpiq", 3, 128))
+    qr, ridge = quantize_weight(layer.W, layer.H, _cfg("rpiq", 3, 128, percdamp=0.5))
+    seq = ridge.objective_rounds
+    assert all(b <= a * (1 + 1e-6) for a, b in itertools.pairwise(seq))
+    # A ridge on tr(E (H + lambda I) E^T) trades layer loss for a smaller weight error |E|.
+    assert torch.norm(layer.W - qr.dequantize()) < torch.norm(layer.W - qp.dequantize())
+    assert ridge.loss_final > 0
