@@ -26,7 +26,7 @@ def _one(job: dict) -> dict:
     """Runs in a fresh child process."""
     import torch
 
-    from models.checkpoint import save_quantized
+    from models.checkpoint import checkpoint_bytes, save_quantized
     from quantizer.config import GridConfig, QuantConfig, RefineConfig
     from quantizer.data import calibration_windows, evaluation_windows, load_text
     from quantizer.evaluate import perplexity
@@ -56,7 +56,7 @@ def _one(job: dict) -> dict:
         row["layer_loss_sum"] = res.total_loss
         with tempfile.TemporaryDirectory() as d:
             out = save_quantized(model, res.weights, Path(d) / "ckpt", tokenizer=tok, checkpoint_format="gptq_v2")
-            row["checkpoint_bytes"] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+            row["checkpoint_bytes"] = checkpoint_bytes(out)
     row["peak_rss_mb_before_eval"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     row["ppl"] = perplexity(model, ev)
     return row

@@ -717,3 +717,8 @@ def _check_keys(path: Path, model: nn.Module, state: dict[str, torch.Tensor]) ->
             raise CheckpointError(
                 f"{path}: tensor '{key}' has shape {list(t.shape)}, the model expects {list(model_state[key].shape)}"
             )
+
+
+def checkpoint_bytes(path: str | Path) -> int:
+    """Bytes of a checkpoint's tensor files (what a device must store and load)."""
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))

@@ -126,10 +126,11 @@ def _quantize_weight(
         t1 = time.perf_counter()
         # Optional ridge on the stage-2 objective: tr(E (H + lambda_r I) E^T) keeps the refinement
         # from moving weights far along directions the calibration data barely constrains.
-        lam_r = cfg.refine.percdamp * float(torch.mean(torch.diagonal(H0)))
-        eye = torch.eye(n, device=device)
-        H0p = H0[perm][:, perm] + lam_r * eye
-        Hp = Hp + lam_r * eye
+        H0p = H0[perm][:, perm]
+        if cfg.refine.percdamp > 0:
+            lam_r = cfg.refine.percdamp * float(torch.mean(torch.diagonal(H0)))
+            H0p.diagonal().add_(lam_r)
+            Hp.diagonal().add_(lam_r)  # Hp is this function's own permuted copy
         if instance is None or cfg.refine.instance_weight == 0:
             residual = HessianResidual(Wp, Q, H0p)
         else:

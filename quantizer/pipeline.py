@@ -255,7 +255,6 @@ def _single_instance(model, adapter, calib, cfg, cal, device, done, finish_layer
         all_linears = {n: layer.get_submodule(n) for n in adapter.linear_names()}
         fp_catch = GroupInputCatcher(all_linears, stop=False)
         try:
-            fp_catch.inputs = {}
             fp_out = run_layer(layer, fp_hidden, kwargs)
             fp_inputs = dict(fp_catch.inputs)
         finally:

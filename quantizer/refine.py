@@ -23,7 +23,8 @@ Two residual sources share that loop (`rpiq.md`, "single-instance calibration"):
   blended with the global loss, `(1-w) tr(E H E^T) + w 2/n ||R||^2` (`instance_weight` = w);
   the step is preconditioned by the global `inv(H_jj)` either way.
 
-Acceptance always measures the undamped objective; damping only stabilises the step.
+Acceptance measures the objective itself (the undamped layer loss unless `RefineConfig.percdamp` adds a
+ridge); the GPTQ damping only stabilises the step.
 """
 
 from __future__ import annotations

@@ -73,6 +73,3 @@ class RunState:
         tmp = self._path(index).with_suffix(".tmp")
         torch.save(blob, tmp)
         os.replace(tmp, self._path(index))
-
-    def clear(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)

@@ -95,7 +95,7 @@ def quantize(
     """Quantize MODEL's decoder layers and write a GPTQ-format checkpoint."""
     import torch
 
-    from models.checkpoint import save_quantized
+    from models.checkpoint import checkpoint_bytes, save_quantized
     from quantizer.config import GPTQConfig, GridConfig, QuantConfig, RefineConfig
     from quantizer.data import calibration_windows, evaluation_windows, load_text
     from quantizer.evaluate import perplexity
@@ -184,7 +184,7 @@ def quantize(
         console.print("measuring quantized perplexity ...")
         report["ppl_quantized"] = perplexity(m.to(device), ev, device=device, progress=progress)
     report["size_fp16_bytes"] = fp_bytes
-    report["size_checkpoint_bytes"] = _dir_weight_bytes(out_dir)
+    report["size_checkpoint_bytes"] = checkpoint_bytes(out_dir)
     report["out"] = str(out_dir)
     _print_summary(report)
 
@@ -197,10 +197,6 @@ def _param_bytes(model, dtype) -> int:
         seen.add(id(p))
         total += p.numel() * dtype.itemsize
     return total
-
-
-def _dir_weight_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
 def _print_summary(report: dict) -> None:
