@@ -35,7 +35,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -450,17 +450,57 @@ def load_quantized_state(path: str | Path) -> QuantizedCheckpoint:
     Everything is validated against the quantization_config, so a loader further down never
     sees a tensor of the wrong shape; errors are `CheckpointError`s naming file and tensor.
     """
+    stream = open_checkpoint(path)
+    weights = {name: stream.quantized_weight(name) for name in stream.quantized_names}
+    return QuantizedCheckpoint(config=stream.config, quant=stream.quant, weights=weights, tensors=dict(stream.rest()))
+
+
+@dataclass
+class CheckpointStream:
+    """A validated checkpoint whose tensors are read from disk one module at a time.
+
+    What an int4 loader needs to keep peak memory near the model's final size: headers and
+    configs are checked up front, tensor data is only touched by `quantized_weight` / `rest`.
+    """
+
+    path: Path
+    config: dict[str, Any]
+    quant: dict[str, Any]
+    bits: int
+    group_size: int
+    sym: bool
+    checkpoint_format: str
+    quantized_names: list[str]
+    _tensors: _ShardTensors
+
+    def quantized_weight(self, name: str) -> QuantizedWeight:
+        """Module `name`'s GPTQ tensors, checked and unpacked (and dropped from the stream)."""
+        t, fmt = self._tensors, self.checkpoint_format
+        return _unpack_module(name, t, t.origin, self.bits, self.group_size, self.sym, fmt, self.quant)
+
+    def take(self, key: str) -> torch.Tensor:
+        """One plain tensor by name (dropped from the stream); `CheckpointError` if absent."""
+        if key not in self._tensors:
+            raise CheckpointError(f"{self.path}: tensor '{key}' is missing from the checkpoint")
+        return self._tensors.pop(key)
+
+    def rest(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor not yet taken by `quantized_weight`, read one at a time."""
+        for key in list(self._tensors):
+            yield key, self._tensors.pop(key)
+
+
+def open_checkpoint(path: str | Path) -> CheckpointStream:
+    """Open and validate a GPTQ checkpoint directory without reading its tensor data."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
     config = _read_json(path / CONFIG_NAME)
     quant = _quant_config_of(path, config)
     bits, group_size, sym, fmt = _quant_params(path, quant)
-    tensors, origin = _read_tensors(path)
-    weights: dict[str, QuantizedWeight] = {}
-    for name in _quantized_modules(tensors, origin):
-        weights[name] = _unpack_module(name, tensors, origin, bits, group_size, sym, fmt, quant)
-    return QuantizedCheckpoint(config=config, quant=quant, weights=weights, tensors=tensors)
+    tensors = _ShardTensors(path)
+    names = _quantized_modules(tensors, tensors.origin)
+    return CheckpointStream(path, config, quant, bits, group_size, sym, fmt, names, tensors)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -524,41 +564,71 @@ def _weight_files(path: Path) -> dict[str, list[str] | None]:
     raise CheckpointError(f"{path}: neither {WEIGHTS_NAME} nor {INDEX_NAME} found")
 
 
-def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors of all shards, and which file each came from (for error messages)."""
-    tensors: dict[str, torch.Tensor] = {}
-    origin: dict[str, str] = {}
-    for fname, promised in _weight_files(path).items():
-        fpath = path / fname
-        if not fpath.is_file():
-            raise CheckpointError(f"{fpath}: file is missing (listed in {INDEX_NAME})")
-        for key, t in _read_safetensors(fpath).items():
-            if key in tensors:
-                raise CheckpointError(f"{fpath}: tensor '{key}' also appears in {origin[key]}")
-            tensors[key], origin[key] = t, str(fpath)
-        missing = sorted(set(promised or ()) - {k for k, v in origin.items() if v == str(fpath)})
-        if missing:
-            raise CheckpointError(f"{fpath}: tensors listed in {INDEX_NAME} are missing: {missing[:10]}")
-    return tensors, origin
+class _ShardTensors(MutableMapping[str, torch.Tensor]):
+    """All tensors of all shards by name, each read from its file when first asked for.
+
+    Headers are checked when the mapping is built (a truncated file fails here, naming it);
+    `origin` maps each tensor to its file for error messages. Deleting a key forgets it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.origin: dict[str, str] = {}
+        self._handles: dict[str, Any] = {}
+        for fname, promised in _weight_files(path).items():
+            fpath = path / fname
+            if not fpath.is_file():
+                raise CheckpointError(f"{fpath}: file is missing (listed in {INDEX_NAME})")
+            handle = _open_safetensors(fpath)
+            self._handles[str(fpath)] = handle
+            keys = list(handle.keys())
+            for key in keys:
+                if key in self.origin:
+                    raise CheckpointError(f"{fpath}: tensor '{key}' also appears in {self.origin[key]}")
+                self.origin[key] = str(fpath)
+            missing = sorted(set(promised or ()) - set(keys))
+            if missing:
+                raise CheckpointError(f"{fpath}: tensors listed in {INDEX_NAME} are missing: {missing[:10]}")
+        self._keys = dict.fromkeys(self.origin)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        fpath = self.origin[key]
+        try:
+            return self._handles[fpath].get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise CheckpointError(
+                f"{fpath}: corrupt or truncated safetensors file while reading tensor '{key}' "
+                f"({type(e).__name__}: {e}); re-save or re-download it"
+            ) from e
+
+    def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        raise TypeError("checkpoint tensors are read-only")
+
+    def __delitem__(self, key: str) -> None:
+        del self._keys[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
 
 
-def _read_safetensors(fpath: Path) -> dict[str, torch.Tensor]:
-    """The file's tensors; safetensors' terse errors become ones that name the file."""
-    key = None
-    out: dict[str, torch.Tensor] = {}
+def _open_safetensors(fpath: Path) -> Any:
+    """A lazy handle on the file; safetensors' terse header errors become ones that name it."""
     try:
-        with safe_open(str(fpath), framework="pt", device="cpu") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                out[key] = f.get_tensor(key)
+        return safe_open(str(fpath), framework="pt", device="cpu")
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        what = f" while reading tensor '{key}'" if key is not None else ""
         raise CheckpointError(
-            f"{fpath}: corrupt or truncated safetensors file{what} ({type(e).__name__}: {e}); re-save or re-download it"
+            f"{fpath}: corrupt or truncated safetensors file ({type(e).__name__}: {e}); re-save or re-download it"
         ) from e
-    return out
 
 
-def _quantized_modules(tensors: dict[str, torch.Tensor], origin: dict[str, str]) -> list[str]:
+def _quantized_modules(tensors: Mapping[str, torch.Tensor], origin: dict[str, str]) -> list[str]:
     """Module names that carry any GPTQ tensor; each must carry qweight, qzeros and scales."""
     names = sorted({k.rsplit(".", 1)[0] for k in tensors if k.rsplit(".", 1)[-1] in QUANT_SUFFIXES})
     for name in names:
@@ -580,7 +650,7 @@ def _quantized_modules(tensors: dict[str, torch.Tensor], origin: dict[str, str])
 
 def _unpack_module(
     name: str,
-    tensors: dict[str, torch.Tensor],
+    tensors: MutableMapping[str, torch.Tensor],
     origin: dict[str, str],
     bits: int,
     group_size: int,
@@ -620,7 +690,7 @@ def _unpack_module(
 
 def _g_idx(
     name: str,
-    tensors: dict[str, torch.Tensor],
+    tensors: Mapping[str, torch.Tensor],
     origin: dict[str, str],
     in_f: int,
     group_size: int,
@@ -644,7 +714,7 @@ def _g_idx(
 
 
 def _expect(
-    tensors: dict[str, torch.Tensor],
+    tensors: Mapping[str, torch.Tensor],
     origin: dict[str, str],
     key: str,
     dtype: torch.dtype,
