@@ -31,6 +31,8 @@ def resolve_model(model: str | None) -> Path | str:
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} has no config.json: not a transformers model directory")
         return path
+    if model.startswith(("/", ".", "~")) or model.count("/") > 1:
+        raise ModelLoadError(f"{path}: no such model directory")
     return model  # maybe an id in the local HF cache; from_pretrained(local_files_only) decides
 
 

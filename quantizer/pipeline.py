@@ -27,6 +27,7 @@ from models.adapters import ModelAdapter, get_adapter
 
 from .capture import GroupInputCatcher, LayerInputs, StopForward, capture_first_layer_inputs, run_layer
 from .config import QuantConfig
+from .hessian import HessianAccumulator
 from .layer import Instance, quantize_weight
 from .result import LayerReport, QuantizedWeight
 from .resume import RunState, fingerprint
@@ -76,12 +77,15 @@ def quantize_model(
     run_id: str = "",
     progress: bool = True,
     on_layer: LayerCallback | None = None,
+    lm_head: bool = False,
 ) -> ModelQuantization:
     """Quantize every decoder-layer linear of `model` in place (weights become their dequantized
     grid values) and return the codes. `calib` is [nsamples, seqlen] token ids.
 
     With `state_dir`, finished layers are stored there and a rerun with the same model, config
     and calibration tokens resumes after the last finished layer.
+
+    `lm_head`: also quantize the output projection (see `quantize_lm_head`).
     """
     cfg = config or QuantConfig()
     cal = calibration or CalibrationConfig()
@@ -123,8 +127,57 @@ def quantize_model(
         runner(model, adapter, calib, cfg, cal, device, done, finish_layer, progress)
     finally:
         bar.close()
+    if lm_head:
+        name, qw, report = quantize_lm_head(model, calib, cfg, device)
+        result.weights[name] = qw
+        result.reports.append(report)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def quantize_lm_head(
+    model: nn.Module, calib: torch.Tensor, cfg: QuantConfig, device: torch.device
+) -> tuple[str, QuantizedWeight, LayerReport]:
+    """Quantize the output projection on the inputs the (already quantized) model gives it.
+
+    For a small model with a large vocabulary the LM head is the largest single weight and the
+    biggest read per decoded token. Its Hessian comes from one more pass of the calibration
+    windows through the whole model (on `device`, so the model must fit there once), stopped
+    at the head. A head tied to the input embeddings is untied first: the embeddings stay in
+    full precision and the config records ``tie_word_embeddings=False``, so loaders keep both.
+    """
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"the model's output embeddings are a {type(head).__name__}, not a Linear")
+    name = next(n for n, m in model.named_modules() if m is head)
+    embed = model.get_input_embeddings()
+    if embed is not None and head.weight is embed.weight:
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        for cfg_obj in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+            cfg_obj.tie_word_embeddings = False
+    acc: HessianAccumulator | None = None
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        nonlocal acc
+        x = args[0]
+        acc = acc or HessianAccumulator(x.shape[-1], device=x.device)
+        acc.add(x)
+        raise StopForward
+
+    home = next(model.parameters()).device
+    model.to(device)
+    handle = head.register_forward_pre_hook(hook)
+    try:
+        for ids in calib.split(1):
+            with contextlib.suppress(StopForward):
+                model(input_ids=ids.to(device), use_cache=False)
+    finally:
+        handle.remove()
+        model.to(home)
+    assert acc is not None
+    qw, report = quantize_weight(head.weight.detach().to(device), acc.H, cfg, name=name)
+    _set_weight(head, qw)
+    return name, qw, report
 
 
 def _set_weight(module: nn.Linear, qw: QuantizedWeight) -> None:

@@ -89,6 +89,13 @@ def quantize(
     save_dtype: Annotated[
         str, typer.Option(help="dtype of the unquantized tensors: float16, bfloat16 (Gemma), float32")
     ] = "float16",
+    quantize_lm_head: Annotated[
+        bool,
+        typer.Option(
+            help="also quantize the output projection (unties it from the input embeddings, which stay "
+            "full precision): smaller reads per token for large-vocabulary models, at some perplexity"
+        ),
+    ] = False,
     resume: Annotated[bool, typer.Option(help="resume an interrupted run from OUT.rpiq-state")] = True,
     progress: Annotated[bool, typer.Option(help="progress bars")] = True,
 ) -> None:
@@ -152,6 +159,7 @@ def quantize(
         state_dir=state_dir,
         run_id=str(where),
         progress=progress,
+        lm_head=quantize_lm_head,
     )
     report["quantize_seconds"] = time.perf_counter() - t0
     report["layer_loss_sum"] = result.total_loss
@@ -162,6 +170,7 @@ def quantize(
         "nsamples": nsamples,
         "seqlen": seqlen,
         "seed": seed,
+        "lm_head": quantize_lm_head,
         "config": config.model_dump(),
         "layer_loss_sum": result.total_loss,
     }
@@ -226,28 +235,95 @@ def eval_(
     seqlen: Annotated[int, typer.Option(help="tokens per window")] = 2048,
     max_windows: Annotated[int | None, typer.Option(help="cap on windows (quick runs)")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    kernel: Annotated[
+        str,
+        typer.Option(
+            help="checkpoints only: 'none' evaluates the exact dequantized weights in float32; a kernel "
+            "name (auto, tinygemm-cpu, tinygemm-cuda, dequant) runs the int4 model as it is served"
+        ),
+    ] = "none",
 ) -> None:
     """Perplexity by the GPTQ protocol, the same code for full-precision models and checkpoints."""
     from transformers import AutoTokenizer
 
     from models.checkpoint import dequantized_model
+    from models.inference import load_for_inference
+    from models.int4 import KERNEL_CHOICES
     from quantizer.data import evaluation_windows, load_text
     from quantizer.evaluate import perplexity
     from quantizer.loading import ModelLoadError, is_quantized_checkpoint, load_fp_model, resolve_model
 
+    _check_device(device)
+    if kernel != "none" and kernel not in KERNEL_CHOICES:
+        _fail(f"--kernel {kernel!r} is not one of none, {', '.join(KERNEL_CHOICES)}")
     try:
         where = resolve_model(model)
-        if is_quantized_checkpoint(where):
+        if is_quantized_checkpoint(where) and kernel == "none":
             m = dequantized_model(where)
             tok = AutoTokenizer.from_pretrained(where, local_files_only=True)
+        elif is_quantized_checkpoint(where):
+            m, tok, where = load_for_inference(where, device=device, kernel=kernel)
         else:
             m, tok, where = load_fp_model(model)
         windows = evaluation_windows(tok, load_text(ppl), seqlen, max_windows=max_windows)
     except (ValueError, ModelLoadError, OSError) as e:
         _fail(str(e))
     value = perplexity(m.to(device), windows, device=device, progress=True)
-    out.print_json(
-        json.dumps({"model": str(where), "text": ppl, "seqlen": seqlen, "windows": windows.shape[0], "ppl": value})
+    result = {"model": str(where), "text": ppl, "seqlen": seqlen, "windows": windows.shape[0], "ppl": value}
+    if hasattr(m, "int4_kernels"):
+        result["kernels"] = m.int4_kernels
+    out.print_json(json.dumps(result))
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        _fail(f"--device {device!r}: use cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        _fail("--device cuda was given but no CUDA GPU is available")
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="the question or text to continue")],
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="model or int4 checkpoint directory; omit for the default")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, max=4096, help="upper bound on generated tokens")] = 128,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy (deterministic)")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="nucleus sampling mass")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
+    chat: Annotated[bool, typer.Option(help="wrap the prompt in the model's chat template")] = True,
+    system: Annotated[str | None, typer.Option(help="system prompt (chat mode)")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    kernel: Annotated[str, typer.Option(help="int4 kernel for checkpoints: auto, tinygemm-cpu, ...")] = "auto",
+    stream: Annotated[bool, typer.Option(help="print tokens as they are generated")] = True,
+) -> None:
+    """Generate text with a full-precision model or an int4 checkpoint (on int4 kernels)."""
+    from models.checkpoint import CheckpointError
+    from models.inference import GenerationOptions, generate_text, load_for_inference
+    from models.int4 import KernelUnavailableError
+    from quantizer.loading import ModelLoadError
+
+    _check_device(device)
+    try:
+        options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        m, tok, _ = load_for_inference(model, device=device, kernel=kernel)
+    except (ValueError, ModelLoadError, CheckpointError, KernelUnavailableError, OSError) as e:
+        _fail(str(e))
+    streamer = None
+    if stream:
+        from transformers import TextStreamer
+
+        streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    result = generate_text(m, tok, prompt, options, chat=chat, system=system, streamer=streamer)
+    if not stream:
+        out.print(result.text, markup=False, highlight=False)
+    console.print(
+        f"[dim]{result.new_tokens} tokens in {result.seconds:.2f} s ({result.tokens_per_second:.1f} tokens/s); "
+        f"{'stopped at end of answer' if result.finished else 'hit --max-new-tokens'}; "
+        f"kernels {getattr(m, 'int4_kernels', 'none (full precision)')}[/]"
     )
 
 

@@ -190,3 +190,33 @@ def test_quantize_on_cuda_matches_the_cpu_result_closely(mode):
         # Different float summation order may flip a rounding tie, never a pattern.
         assert (gpu.weights[name].codes.cpu() != qw.codes).float().mean() < 0.02, name
     assert gpu.total_loss == pytest.approx(cpu.total_loss, rel=0.05)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])  # tied head (llama here) and OPT's tied head
+def test_lm_head_quantization_unties_and_round_trips_through_a_checkpoint(arch, tmp_path):
+    from models.checkpoint import dequantized_model, load_quantized_state, save_quantized
+    from models.int4 import QuantLinear, load_quantized
+
+    model = tiny_model(arch)
+    head_fp = model.get_output_embeddings().weight.detach().clone()
+    embed_fp = model.get_input_embeddings().weight.detach().clone()
+    cfg = QuantConfig(method="gptq", grid=GridConfig(bits=4, group_size=32))
+    result = quantize_model(model, _calib(), cfg, progress=False, lm_head=True)
+    head_name = "lm_head"
+    assert head_name in result.weights and result.reports[-1].name == head_name
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    assert head.weight is not embed.weight and torch.equal(embed.weight, embed_fp)  # embeddings stay FP
+    assert torch.equal(head.weight, result.weights[head_name].dequantize())
+    rel = (head.weight - head_fp).norm() / head_fp.norm()
+    assert 0 < rel < 0.2, float(rel)  # really quantized, and to something close
+    assert model.config.tie_word_embeddings is False
+
+    out = save_quantized(model, result.weights, tmp_path / "ck", quant_config=cfg, checkpoint_format="gptq_v2",
+                         dtype=torch.float32)  # fmt: skip
+    assert load_quantized_state(out).quant["lm_head"] is True
+    ids = _calib(2, 16, seed=5)
+    torch.testing.assert_close(_logits(dequantized_model(out), ids), _logits(model, ids))
+    int4 = load_quantized(out, dtype=torch.float32)
+    assert isinstance(int4.get_output_embeddings(), QuantLinear)
+    err = (_logits(int4, ids) - _logits(model, ids)).norm() / _logits(model, ids).norm()
+    assert err < 2e-2, float(err)
