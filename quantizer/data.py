@@ -8,6 +8,10 @@ Jane Austen (plain ASCII, from Debian's r-cran-janeaustenr / Project Gutenberg):
 * ``"heldout"`` -> *Northanger Abbey* (``corpus/northangerabbey.txt``): held-out evaluation text,
   a different book so that perplexity is never measured on the calibration data.
 
+A second, different domain for held-apart evaluation: ``"code"`` is the Python source of a
+fixed list of standard-library modules, read from the running interpreter (every machine that
+runs rpiq has it; record the Python version with the numbers).
+
 The WikiText-2 protocol is kept for users who have it: ``"wikitext"`` reads it from a *local*
 ``datasets`` cache, and any text file (e.g. ``wiki.test.raw``) can be passed by path.
 
@@ -34,7 +38,10 @@ BUILTIN_TEXTS: dict[str, str] = {
 """Built-in names resolved from package data (``quantizer/corpus``)."""
 
 WIKITEXT = "wikitext"
-BUILTIN_NAMES: tuple[str, ...] = (*BUILTIN_TEXTS, WIKITEXT)
+CODE = "code"
+CODE_MODULES: tuple[str, ...] = ("argparse", "textwrap", "difflib", "configparser", "tarfile", "inspect")
+"""Standard-library modules whose source makes up the ``"code"`` text (~0.5 MB of Python)."""
+BUILTIN_NAMES: tuple[str, ...] = (*BUILTIN_TEXTS, CODE, WIKITEXT)
 
 
 def load_text(source: str) -> str:
@@ -50,6 +57,8 @@ def load_text(source: str) -> str:
         return (resources.files("quantizer") / "corpus" / BUILTIN_TEXTS[source]).read_text(encoding="utf-8")
     if source == WIKITEXT:
         return _load_wikitext()
+    if source == CODE:
+        return _load_stdlib_code()
     path = Path(source).expanduser()
     if not path.is_file():
         raise ValueError(
@@ -86,6 +95,18 @@ def _datasets_offline(datasets_module: Any) -> Iterator[None]:
     finally:
         for name, value in saved.items():
             setattr(config, name, value)
+
+
+def _load_stdlib_code() -> str:
+    import importlib.util
+
+    parts = []
+    for name in CODE_MODULES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise ValueError(f"built-in text 'code' needs the standard-library module {name!r}, which is missing")
+        parts.append(Path(spec.origin).read_text(encoding="utf-8"))
+    return "\n\n".join(parts)
 
 
 def _load_wikitext() -> str:

@@ -193,3 +193,13 @@ def test_evaluation_windows_errors() -> None:
         evaluation_windows(tok, TEXT, seqlen=0)
     with pytest.raises(ValueError, match="max_windows"):
         evaluation_windows(tok, TEXT, seqlen=8, max_windows=0)
+
+
+def test_code_text_is_python_source_of_the_listed_modules() -> None:
+    from quantizer.data import CODE_MODULES
+
+    code = load_text("code")
+    assert len(code) > 300_000
+    assert "class ArgumentParser" in code and "def dedent" in code  # argparse, textwrap
+    assert code == load_text("code")  # deterministic
+    assert len(CODE_MODULES) == 6

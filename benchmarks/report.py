@@ -1,0 +1,425 @@
+"""The evidence report: is RPIQ better than GPTQ at the same size? One command, same data for all.
+
+On one model, with the same calibration windows and the same evaluation texts for every method:
+
+1. quality: FP, RTN, our GPTQ, a reference library's GPTQ (llm-compressor, when its separate
+   venv ``.venv-ref`` exists: ``bash scripts/install_reference.sh``), RPIQ sequential, RPIQ
+   single-instance; at 4-bit g128, 3-bit g128 and 4-bit per-channel; perplexity on two held-apart
+   texts (*Northanger Abbey*, and Python standard-library source), the summed layer loss, and
+   the run-to-run spread over calibration seeds;
+2. ablations of stage 2 (rounds x alpha x refinement block size) on real layers' Hessians,
+   on the calibration text and on held-out text;
+3. cost: quantization wall time and peak RSS per method (each job in its own child process);
+4. inference: weight bytes, load time and decode speed of an int4 checkpoint vs bf16/fp32.
+
+Writes ``report.json``, ``report.md`` and ``ppl_vs_bits.png`` to ``--out-dir`` (default
+``docs/results``) and prints the tables.
+
+    python benchmarks/report.py            # the full report, ~45-60 min on 2 cores
+    python benchmarks/report.py --quick    # smoke test, ~2 min: 3-bit FP/RTN/GPTQ, 2 evaluation windows
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+REF_PYTHON = ROOT / ".venv-ref" / "bin" / "python"
+REF_SCRIPT = ROOT / "benchmarks" / "reference_gptq.py"
+
+GRIDS: dict[str, tuple[int, int]] = {"w4g128": (4, 128), "w3g128": (3, 128), "w4pc": (4, -1)}
+METHODS = ("rtn", "gptq", "gptq-ref", "rpiq", "rpiq-si")
+LABELS = {
+    "fp": "full precision",
+    "rtn": "RTN",
+    "gptq": "GPTQ (ours)",
+    "gptq-ref": "GPTQ (llm-compressor)",
+    "rpiq": "RPIQ, sequential",
+    "rpiq-si": "RPIQ, single-instance",
+}
+
+
+# --------------------------------------------------------------------------- quality jobs (child processes)
+
+
+def bits_per_weight(weights) -> float:
+    """Stored bits per quantized weight: codes plus an fp16 scale and a b-bit zero per group and row."""
+    total_bits = total = 0
+    for qw in weights.values():
+        out_f, in_f = qw.shape
+        groups = qw.scales.shape[0]
+        total_bits += out_f * in_f * qw.bits + out_f * groups * (16 + qw.bits)
+        total += out_f * in_f
+    return total_bits / total
+
+
+def quality_job(job: dict) -> dict:
+    """One method on one grid with one calibration seed; runs in a fresh child process."""
+    import torch
+
+    from quantizer.config import GridConfig, QuantConfig
+    from quantizer.data import calibration_windows, evaluation_windows, load_text
+    from quantizer.evaluate import perplexity
+    from quantizer.loading import load_fp_model
+    from quantizer.pipeline import CalibrationConfig, quantize_model
+
+    torch.manual_seed(0)
+    model, tok, _ = load_fp_model(job["model"])
+    row = dict(job)
+    if job["method"] != "fp":
+        calib = calibration_windows(tok, load_text("calib"), job["nsamples"], job["seqlen"], seed=job["seed"])
+        method = "rpiq" if job["method"].startswith("rpiq") else job["method"]
+        mode = "single-instance" if job["method"] == "rpiq-si" else "sequential"
+        cfg = QuantConfig(method=method, grid=GridConfig(bits=job["bits"], group_size=job["group_size"]))
+        t0 = time.perf_counter()
+        res = quantize_model(model, calib, cfg, CalibrationConfig(mode=mode), progress=False)
+        row["quantize_seconds"] = time.perf_counter() - t0
+        row["layer_loss_sum"] = res.total_loss
+        row["bits_per_weight"] = bits_per_weight(res.weights)
+    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    for text in job["evals"]:
+        ev = evaluation_windows(tok, load_text(text), job["eval_seqlen"], max_windows=job["eval_windows"])
+        row[f"ppl_{text}"] = perplexity(model, ev)
+    return row
+
+
+def reference_job(job: dict) -> dict | None:
+    """llm-compressor's GPTQ in its own venv (it pins another transformers); None when not installed."""
+    if not (REF_PYTHON.exists() and REF_SCRIPT.exists()):
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "ref.json"
+        args = [
+            str(REF_PYTHON), str(REF_SCRIPT), "--model", job["model"], "--bits", str(job["bits"]),
+            "--group-size", str(job["group_size"]), "--nsamples", str(job["nsamples"]), "--seqlen", str(job["seqlen"]),
+            "--seed", str(job["seed"]), "--eval", job["evals"][0], "--eval-seqlen", str(job["eval_seqlen"]),
+            "--eval-windows", str(job["eval_windows"]), "--out", str(out),
+        ]  # fmt: skip
+        if len(job["evals"]) > 1:
+            args += ["--eval2", job["evals"][1]]
+        proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0 or not out.exists():
+            print(f"reference GPTQ failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}", file=sys.stderr)
+            return None
+        ref = json.loads(out.read_text())
+    row = dict(job)
+    row.update({k: ref[k] for k in ("quantize_seconds", "library", "versions", "settings") if k in ref})
+    row["peak_rss_mb"] = ref.get("peak_rss_mb_before_eval", float("nan"))
+    row[f"ppl_{job['evals'][0]}"] = ref["ppl"]
+    if len(job["evals"]) > 1 and "ppl2" in ref:
+        row[f"ppl_{job['evals'][1]}"] = ref["ppl2"]
+    return row
+
+
+def _in_child(fn, arg):
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1, maxtasksperchild=1) as pool:
+        return pool.apply(fn, (arg,))
+
+
+# --------------------------------------------------------------------------- ablation (in process)
+
+
+def ablation(model_dir: str, nsamples: int, seqlen: int, layer: int, bits: int) -> list[dict]:
+    """Stage-2 rounds x alpha x block size on one decoder layer's real Hessians (calib and held-out)."""
+    import torch
+
+    from models.adapters import get_adapter
+    from quantizer.config import GPTQConfig, GridConfig, QuantConfig, RefineConfig
+    from quantizer.data import calibration_windows, load_text
+    from quantizer.layer import layer_loss, quantize_weight
+    from quantizer.loading import load_fp_model
+    from quantizer.pipeline import stream_hessians
+
+    torch.set_num_threads(1)  # these matrices are small: one thread is fastest on 2 cores
+    model, tok, _ = load_fp_model(model_dir)
+    adapter = get_adapter(model)
+    hs = {}
+    for text, seed in (("calib", 0), ("heldout", 1)):
+        windows = calibration_windows(tok, load_text(text), nsamples, seqlen, seed=seed)
+        hs[text] = stream_hessians(model, adapter, windows, [layer], torch.device("cpu"))[0]
+    linears = [(name, c, h) for c, h in zip(hs["calib"], hs["heldout"], strict=True) for name in c.modules]
+    rows = []
+    settings = [(0, 1.0, 128)] + [
+        (r, a, b) for b in (64, 128) for r in range(1, 6) for a in (0.25, 0.5, 1.0)
+    ]  # rounds=0 is GPTQ alone
+    for rounds, alpha, block in settings:
+        cfg = QuantConfig(
+            method="rpiq" if rounds else "gptq",
+            grid=GridConfig(bits=bits, group_size=128),
+            gptq=GPTQConfig(block_size=128),
+            refine=RefineConfig(rounds=max(rounds, 1), alpha=alpha, block_size=block),
+        )
+        calib_loss = held_loss = 0.0
+        t0 = time.perf_counter()
+        for name, c, h in linears:
+            W = c.modules[name].weight.detach()
+            qw, rep = quantize_weight(W, c.hessian(name), cfg)
+            calib_loss += rep.loss_final
+            held_loss += layer_loss(W, qw.dequantize(), h.hessian(name))
+        rows.append(
+            {"rounds": rounds, "alpha": alpha, "block": block, "loss_calib": calib_loss, "loss_heldout": held_loss,
+             "seconds": time.perf_counter() - t0}
+        )  # fmt: skip
+        print(rows[-1], flush=True)
+    return rows
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def summarize(rows: list[dict], evals: list[str]) -> list[dict]:
+    """Mean and spread (min..max, sample std) over seeds per (grid, method)."""
+    fp = next(r for r in rows if r["method"] == "fp")
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if r["method"] != "fp":
+            groups.setdefault((r["grid"], r["method"]), []).append(r)
+    out = []
+    for (grid, method), rs in groups.items():
+        s = {"grid": grid, "method": method, "runs": len(rs)}
+        for text in evals:
+            vals = [r[f"ppl_{text}"] for r in rs if f"ppl_{text}" in r]
+            if not vals:
+                continue
+            mean = statistics.fmean(vals)
+            s[f"ppl_{text}"] = mean
+            s[f"ppl_{text}_min"], s[f"ppl_{text}_max"] = min(vals), max(vals)
+            s[f"ppl_{text}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            s[f"gap_{text}"] = mean - fp[f"ppl_{text}"]
+        for key in ("layer_loss_sum", "quantize_seconds", "peak_rss_mb", "bits_per_weight"):
+            vals = [r[key] for r in rs if isinstance(r.get(key), int | float) and not math.isnan(r[key])]
+            if vals:
+                s[key] = statistics.fmean(vals)
+        out.append(s)
+    return out
+
+
+def verdicts(summary: list[dict], evals: list[str]) -> list[str]:
+    """Plain statements: RPIQ's gap to FP against our GPTQ's, per grid and text, with the spread."""
+    lines = []
+    by = {(s["grid"], s["method"]): s for s in summary}
+    for grid in GRIDS:
+        g = by.get((grid, "gptq"))
+        if g is None:
+            continue
+        for method in ("rpiq", "rpiq-si"):
+            r = by.get((grid, method))
+            if r is None:
+                continue
+            for text in evals:
+                if f"gap_{text}" not in r:
+                    continue
+                change = 1 - r[f"gap_{text}"] / g[f"gap_{text}"] if g[f"gap_{text}"] else float("nan")
+                word = "smaller" if change > 0 else "LARGER"
+                noise = max(r[f"ppl_{text}_std"], g[f"ppl_{text}_std"])
+                within = abs(r[f"ppl_{text}"] - g[f"ppl_{text}"]) <= 2 * noise
+                ours, theirs = r[f"gap_{text}"], g[f"gap_{text}"]
+                lines.append(
+                    f"{grid}, {text}: {LABELS[method]} gap to FP {ours:+.2f} vs GPTQ {theirs:+.2f} "
+                    f"({abs(change) * 100:.0f}% {word}); seed spread (std) up to {noise:.2f}"
+                    + (" - within 2 std: not a clear difference" if within and r["runs"] > 1 else "")
+                )
+    return lines
+
+
+def markdown(report: dict) -> str:
+    evals = report["meta"]["evals"]
+    fp = next(r for r in report["rows"] if r["method"] == "fp")
+    md = [f"# rpiq evidence report ({report['meta']['date']})", ""]
+    md += [f"Command: `{report['meta']['command']}`", f"Machine: {report['meta']['machine']}", ""]
+    md += [f"Versions: {report['meta']['versions']}", ""]
+    md += [
+        f"Model: {report['meta']['model']}; calibration {report['meta']['nsamples']} x {report['meta']['seqlen']} "
+        f"tokens of *Persuasion*, seeds {report['meta']['seeds']}; evaluation {report['meta']['eval_windows']} x "
+        f"{report['meta']['eval_seqlen']} tokens of each text. Full precision: "
+        + ", ".join(f"{t} {fp[f'ppl_{t}']:.3f}" for t in evals),
+        "",
+        "## Verdict",
+        "",
+        *[f"- {v}" for v in report["verdicts"]],
+        "",
+        "## Quality (mean over seeds, min..max)",
+        "",
+    ]
+    head = ["grid", "method", "runs", "bits/weight"] + [f"ppl {t}" for t in evals] + [f"gap {t}" for t in evals]
+    head += ["layer loss", "time s", "peak RSS MB"]
+    md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in report["summary"]:
+        cells = [s["grid"], LABELS[s["method"]], str(s["runs"]), f"{s.get('bits_per_weight', float('nan')):.2f}"]
+        for t in evals:
+            cells.append(
+                f"{s[f'ppl_{t}']:.2f} ({s[f'ppl_{t}_min']:.2f}..{s[f'ppl_{t}_max']:.2f})" if f"ppl_{t}" in s else "-"
+            )
+        cells += [f"{s[f'gap_{t}']:+.2f}" if f"gap_{t}" in s else "-" for t in evals]
+        cells += [
+            f"{s['layer_loss_sum']:.4g}" if "layer_loss_sum" in s else "-",
+            f"{s.get('quantize_seconds', float('nan')):.0f}",
+            f"{s.get('peak_rss_mb', float('nan')):.0f}",
+        ]
+        md.append("| " + " | ".join(cells) + " |")
+    if report.get("ablation"):
+        base = report["ablation"][0]
+        layer = report["meta"]["ablation_layer"]
+        md += ["", f"## Stage-2 ablation (decoder layer {layer}, 3-bit g128; loss relative to GPTQ = rounds 0)", ""]
+        md += ["| rounds | alpha | block | calib loss | held-out loss | time s |", "|---|---|---|---|---|---|"]
+        for a in report["ablation"]:
+            md.append(
+                f"| {a['rounds']} | {a['alpha']} | {a['block']} | {a['loss_calib'] / base['loss_calib']:.3f} | "
+                f"{a['loss_heldout'] / base['loss_heldout']:.3f} | {a['seconds']:.1f} |"
+            )
+    if report.get("inference"):
+        md += ["", "## Inference (embedded model, CPU)", "",
+               "| format | weights MB | load s | peak RSS MB | decode tok/s b1 | decode tok/s b8 |",
+               "|---|---|---|---|---|---|"]  # fmt: skip
+        for r in report["inference"]:
+            md.append(
+                f"| {r['format']} | {r['weight_mb']:.1f} | {r['load_seconds']:.1f} | {r['peak_rss_mb']:.0f} | "
+                f"{r['decode_tok_s_b1']:.1f} | {r['decode_tok_s_b8']:.1f} |"
+            )
+    md += ["", "![perplexity vs bits per weight](ppl_vs_bits.png)", ""]
+    return "\n".join(md)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    text = report["meta"]["evals"][0]
+    fp = next(r for r in report["rows"] if r["method"] == "fp")[f"ppl_{text}"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in METHODS:
+        pts = sorted(
+            (s["bits_per_weight"], s[f"ppl_{text}"], s[f"ppl_{text}_std"])
+            for s in report["summary"]
+            if s["method"] == method and "bits_per_weight" in s and f"ppl_{text}" in s
+        )
+        if pts:
+            xs, ys, es = zip(*pts, strict=True)
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=LABELS[method])
+    ax.axhline(fp, color="black", linestyle="--", label="full precision")
+    ax.set_xlabel("stored bits per quantized weight (codes + fp16 scale + zero per group)")
+    ax.set_ylabel(f"perplexity ({text})")
+    ax.set_yscale("log")
+    ax.set_title("Perplexity vs size (error bars: std over calibration seeds)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke test: 3-bit FP/RTN/GPTQ, 2 evaluation windows")
+    ap.add_argument("--model", default=None, help="model directory (default: the embedded model)")
+    ap.add_argument("--grids", default=",".join(GRIDS))
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--seeds", default="0,1,2", help="calibration seeds (spread); per-channel uses the first")
+    ap.add_argument("--nsamples", type=int, default=8)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--evals", default="heldout,code")
+    ap.add_argument("--eval-seqlen", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=8)
+    ap.add_argument("--ablation-layer", type=int, default=15)
+    ap.add_argument("--no-ablation", action="store_true")
+    ap.add_argument("--no-inference", action="store_true")
+    ap.add_argument("--out-dir", type=Path, default=ROOT / "docs" / "results")
+    args = ap.parse_args()
+    if args.quick:
+        args.grids, args.methods, args.seeds = "w3g128", "rtn,gptq", "0"
+        args.nsamples, args.seqlen, args.eval_windows = 8, 512, 2  # fewer tokens: GPTQ overfits (measured)
+        args.no_ablation = args.no_inference = True
+
+    import torch
+    import transformers
+    from rich.console import Console
+
+    from quantizer.loading import resolve_model
+
+    console = Console(width=160)
+    model = str(resolve_model(args.model))
+    evals = args.evals.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    base = {
+        "model": model, "nsamples": args.nsamples, "seqlen": args.seqlen, "evals": evals,
+        "eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows,
+    }  # fmt: skip
+    t_start = time.perf_counter()
+    rows = [_in_child(quality_job, {**base, "method": "fp", "grid": "fp", "bits": 16, "group_size": 0, "seed": 0})]
+    console.print(rows[-1])
+    for grid in args.grids.split(","):
+        bits, group = GRIDS[grid]
+        for method in args.methods.split(","):
+            grid_seeds = seeds[:1] if (method == "rtn" or group == -1) else seeds  # RTN ignores calibration
+            for seed in grid_seeds:
+                job = {**base, "method": method, "grid": grid, "bits": bits, "group_size": group, "seed": seed}
+                row = reference_job(job) if method == "gptq-ref" else _in_child(quality_job, job)
+                if row is None:
+                    console.print("[yellow]skipping gptq-ref: run `bash scripts/install_reference.sh` first[/]")
+                    break
+                rows.append(row)
+                console.print({k: row.get(k) for k in ("grid", "method", "seed", *[f"ppl_{t}" for t in evals])})
+    summary = summarize(rows, evals)
+    report: dict = {"rows": rows, "summary": summary, "verdicts": verdicts(summary, evals)}
+    if not args.no_ablation:
+        report["ablation"] = _in_child(_ablation_job, (model, args.nsamples, args.seqlen, args.ablation_layer))
+    if not args.no_inference:
+        report["inference"] = _inference(model)
+    report["meta"] = {
+        "command": "python benchmarks/report.py " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.machine()}, {mp.cpu_count()} cores, {platform.python_version()}",
+        "versions": f"torch {torch.__version__}, transformers {transformers.__version__}",
+        "date": time.strftime("%Y-%m-%d"),
+        "model": model,
+        "seeds": seeds,
+        "evals": evals,
+        "nsamples": args.nsamples,
+        "seqlen": args.seqlen,
+        "eval_seqlen": args.eval_seqlen,
+        "eval_windows": args.eval_windows,
+        "ablation_layer": args.ablation_layer,
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "report.json").write_text(json.dumps(report, indent=1))
+    (args.out_dir / "report.md").write_text(markdown(report))
+    plot(report, args.out_dir / "ppl_vs_bits.png")
+    console.print(markdown(report))
+    console.print(f"wrote {args.out_dir}/report.json, report.md, ppl_vs_bits.png")
+
+
+def _ablation_job(arg: tuple[str, int, int, int]) -> list[dict]:
+    return ablation(*arg, bits=3)
+
+
+def _inference(model: str) -> list[dict]:
+    """Decode speed and memory of fp32, bf16 and an int4 checkpoint (benchmarks/decode.py's model part)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import decode
+
+    ckpt = _in_child(decode._ensure_checkpoint_job, (str(decode.CACHE / "smollm2-gptq-w4g128"), False))
+    job = {"device": "cpu", "batches": [1, 8], "prompt_tokens": 128, "new_tokens": 32, "ppl_windows": 0}
+    return [
+        _in_child(decode._model_job, {**job, "format": fmt, "path": path})
+        for fmt, path in (("fp32", model), ("bf16", model), ("int4", ckpt))
+    ]
+
+
+if __name__ == "__main__":
+    main()
