@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import multiprocessing as mp
+import os
 import platform
 import resource
 import statistics
@@ -240,6 +241,9 @@ def markdown(report: dict) -> str:
     md = [f"# rpiq evidence report ({report['meta']['date']})", ""]
     md += [f"Command: `{report['meta']['command']}`", f"Machine: {report['meta']['machine']}", ""]
     md += [f"Versions: {report['meta']['versions']}", ""]
+    load = report["meta"].get("load_average_start_end")
+    if load:
+        md += [f"Load average at start / end: {load[0]:.1f} / {load[1]:.1f} (timings are comparable only near 0)", ""]
     md += [
         f"Model: {report['meta']['model']}; calibration {report['meta']['nsamples']} x {report['meta']['seqlen']} "
         f"tokens of *Persuasion*, seeds {report['meta']['seeds']}; evaluation {report['meta']['eval_windows']} x "
@@ -340,6 +344,12 @@ def main() -> None:
     ap.add_argument("--no-ablation", action="store_true")
     ap.add_argument("--no-inference", action="store_true")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "docs" / "results")
+    ap.add_argument(
+        "--append",
+        action="store_true",
+        help="add to the report.json already in --out-dir (same model and settings), replacing rows of the "
+        "same grid/method/seed; keeps its ablation and inference parts unless they are rerun",
+    )
     args = ap.parse_args()
     if args.quick:
         args.grids, args.methods, args.seeds = "w3g128", "rtn,gptq", "0"
@@ -360,9 +370,12 @@ def main() -> None:
         "model": model, "nsamples": args.nsamples, "seqlen": args.seqlen, "evals": evals,
         "eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows,
     }  # fmt: skip
-    t_start = time.perf_counter()
-    rows = [_in_child(quality_job, {**base, "method": "fp", "grid": "fp", "bits": 16, "group_size": 0, "seed": 0})]
-    console.print(rows[-1])
+    t_start, load_start = time.perf_counter(), os.getloadavg()[0]
+    previous = json.loads((args.out_dir / "report.json").read_text()) if args.append else {}
+    rows = [r for r in previous.get("rows", []) if r["method"] == "fp"]
+    if not rows:
+        rows = [_in_child(quality_job, {**base, "method": "fp", "grid": "fp", "bits": 16, "group_size": 0, "seed": 0})]
+        console.print(rows[-1])
     for grid in args.grids.split(","):
         bits, group = GRIDS[grid]
         for method in args.methods.split(","):
@@ -375,8 +388,17 @@ def main() -> None:
                     break
                 rows.append(row)
                 console.print({k: row.get(k) for k in ("grid", "method", "seed", *[f"ppl_{t}" for t in evals])})
+
+    def key(r: dict) -> tuple:
+        return r["grid"], r["method"], r["seed"]
+
+    new = {key(r) for r in rows}
+    rows += [r for r in previous.get("rows", []) if r["method"] != "fp" and key(r) not in new]
     summary = summarize(rows, evals)
     report: dict = {"rows": rows, "summary": summary, "verdicts": verdicts(summary, evals)}
+    for part in ("ablation", "inference"):
+        if part in previous:
+            report[part] = previous[part]
     if not args.no_ablation:
         report["ablation"] = _in_child(_ablation_job, (model, args.nsamples, args.seqlen, args.ablation_layer))
     if not args.no_inference:
@@ -395,7 +417,11 @@ def main() -> None:
         "eval_windows": args.eval_windows,
         "ablation_layer": args.ablation_layer,
         "wall_seconds": time.perf_counter() - t_start,
+        # Timing columns are only comparable on an otherwise idle machine: say how busy it was.
+        "load_average_start_end": [load_start, os.getloadavg()[0]],
     }
+    if previous:
+        report["meta"]["appended_to"] = previous["meta"]["command"]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "report.json").write_text(json.dumps(report, indent=1))
     (args.out_dir / "report.md").write_text(markdown(report))
