@@ -19,6 +19,20 @@ def default_model_dir() -> Path:
     return ensure_default_model()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: on this 2-core machine thread hand-offs make each op ~20x slower with 2 threads.
+
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """`cuda` tests run where a CUDA GPU is present and are skipped, saying why, elsewhere."""
     import torch

@@ -34,6 +34,8 @@ from quantizer.result import QuantizedWeight
 
 from .quantized_models import logits, quantize_linears, substituted, tiny_llama, tiny_opt
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BASE = QuantConfig(method="gptq", grid=GridConfig(bits=4, group_size=32, min_zero=1))
 CASES: dict[str, QuantConfig] = {
     "g32": BASE,
@@ -50,15 +52,6 @@ Q_PROJ = "model.layers.0.self_attn.q_proj"
 
 
 # --------------------------------------------------------------------------- fixtures and helpers
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """Tiny tensors: on this 2-core machine thread wake-ups make each op ~20x slower with 2 threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -28,16 +28,10 @@ from quantizer.result import QuantizedWeight
 from .layers import realistic_layer
 from .quantized_models import logits, quantize_linears, tiny_llama, tiny_opt
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CUDA = torch.device("cuda")
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def quantized_layer(out: int, inp: int, *, bits: int = 4, group: int = 128, act_order: bool = False, sym=False):
@@ -256,12 +250,20 @@ def test_missing_checkpoint_directory(tmp_path):
         load_quantized(tmp_path / "nope")
 
 
-def test_truncated_checkpoint_names_the_file(llama_ckpt, tmp_path):
+def broken_copy(llama_ckpt, tmp_path: Path, config: dict | None = None) -> Path:
+    """A copy of the checkpoint to damage, with `config` merged into its config.json."""
     import shutil
 
-    _, _, path = llama_ckpt
     bad = tmp_path / "bad"
-    shutil.copytree(path, bad)
+    shutil.copytree(llama_ckpt[2], bad)
+    if config:
+        cfg = json.loads((bad / "config.json").read_text())
+        (bad / "config.json").write_text(json.dumps({**cfg, **config}))
+    return bad
+
+
+def test_truncated_checkpoint_names_the_file(llama_ckpt, tmp_path):
+    bad = broken_copy(llama_ckpt, tmp_path)
     f = bad / "model.safetensors"
     with f.open("r+b") as fh:
         fh.truncate(f.stat().st_size // 2)
@@ -270,14 +272,7 @@ def test_truncated_checkpoint_names_the_file(llama_ckpt, tmp_path):
 
 
 def test_config_that_does_not_match_the_tensors(llama_ckpt, tmp_path):
-    import shutil
-
-    _, _, path = llama_ckpt
-    bad = tmp_path / "bad"
-    shutil.copytree(path, bad)
-    cfg = json.loads((bad / "config.json").read_text())
-    cfg["intermediate_size"] = 96
-    (bad / "config.json").write_text(json.dumps(cfg))
+    bad = broken_copy(llama_ckpt, tmp_path, {"intermediate_size": 96})
     with pytest.raises(
         CheckpointError, match=r"module 'model\.layers\.0\.mlp\.\w+_proj' is \[\d+, \d+\] in the checkpoint"
     ):
@@ -285,27 +280,15 @@ def test_config_that_does_not_match_the_tensors(llama_ckpt, tmp_path):
 
 
 def test_missing_plain_tensor_is_named(llama_ckpt, tmp_path):
-    import shutil
-
-    _, _, path = llama_ckpt
-    bad = tmp_path / "bad"
-    shutil.copytree(path, bad)
-    f = bad / "model.safetensors"
+    f = broken_copy(llama_ckpt, tmp_path) / "model.safetensors"
     tensors = load_file(str(f))
     del tensors["model.norm.weight"]
     save_file(tensors, str(f), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"missing from the checkpoint: \['model\.norm\.weight'\]"):
-        load_quantized(bad)
+        load_quantized(f.parent)
 
 
 def test_quantized_module_missing_from_the_model_is_named(llama_ckpt, tmp_path):
-    import shutil
-
-    _, _, path = llama_ckpt
-    bad = tmp_path / "bad"
-    shutil.copytree(path, bad)
-    cfg = json.loads((bad / "config.json").read_text())
-    cfg["num_hidden_layers"] = 1
-    (bad / "config.json").write_text(json.dumps(cfg))
+    bad = broken_copy(llama_ckpt, tmp_path, {"num_hidden_layers": 1})
     with pytest.raises(CheckpointError, match=r"quantized module 'model\.layers\.1\.[\w.]+' does not exist"):
         load_quantized(bad)

@@ -13,16 +13,9 @@ from quantizer.config import GPTQConfig, GridConfig, QuantConfig, RefineConfig
 from quantizer.pipeline import CalibrationConfig, quantize_model
 from tests.tiny_models import CONFIGS, VOCAB, tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ARCHS = list(CONFIGS)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls run ~20x slower on 2 threads than on 1 (thread hand-off dominates)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _calib(n: int = 6, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
