@@ -6,6 +6,15 @@ sequence of linear groups inside one layer. Linears in one group read the same i
 or gate/up), so they share one Hessian; the groups are quantized in order, each calibrated on
 the output of the already-quantized groups before it ("true sequential").
 
+Vision-language models: an adapter describes the language tower (quantized by default) and,
+in `vision`, a nested adapter for the vision encoder's blocks (quantized with
+`--quantize-vision`); projectors and embeddings are never listed, so they stay 16-bit. `routing`
+records which token type feeds a linear whose model routes tokens between experts (CogVLM2: image
+positions to the `vision_*` weights, text positions to the `language_*` ones). The model's own
+forward does the routing (it calls each expert on the selected rows only), so the hooks already
+see exactly the routed tokens; the pipeline uses `routing` to refuse calibration data that never
+reaches an expert instead of zeroing that expert's weights.
+
 Architectures without an adapter fall back to discovery: the longest `ModuleList` of identical
 blocks holding `nn.Linear`s is taken as the decoder, and one traced forward of a block groups
 its linears by the input tensor they receive, in call order (`discover_linear_groups`).
@@ -13,7 +22,8 @@ its linears by the input tensor they receive, in call order (`discover_linear_gr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -25,6 +35,38 @@ LLAMA_LIKE_GROUPS: tuple[tuple[str, ...], ...] = (
     ("mlp.down_proj",),
 )
 
+CLIP_LIKE_GROUPS: tuple[tuple[str, ...], ...] = (  # CLIP / SigLIP encoder blocks
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.out_proj",),
+    ("mlp.fc1",),
+    ("mlp.fc2",),
+)
+QWEN2_VL_VISION_GROUPS: tuple[tuple[str, ...], ...] = (("attn.qkv",), ("attn.proj",), ("mlp.fc1",), ("mlp.fc2",))
+EVA_CLIP_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("attention.query_key_value",),
+    ("attention.dense",),
+    ("mlp.fc1",),
+    ("mlp.fc2",),
+)
+
+VISION_TOKEN_TYPE = 1  # CogVLM's token_type_ids values
+LANGUAGE_TOKEN_TYPE = 0
+COGVLM_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("self_attn.vision_expert_query_key_value",),
+    ("self_attn.language_expert_query_key_value",),
+    ("self_attn.vision_expert_dense",),
+    ("self_attn.language_expert_dense",),
+    ("mlp.vision_mlp.gate_proj", "mlp.vision_mlp.up_proj"),
+    ("mlp.vision_mlp.down_proj",),
+    ("mlp.language_mlp.gate_proj", "mlp.language_mlp.up_proj"),
+    ("mlp.language_mlp.down_proj",),
+)
+COGVLM_ROUTING: dict[str, int] = {
+    name: VISION_TOKEN_TYPE if ".vision_" in f".{name}" else LANGUAGE_TOKEN_TYPE
+    for group in COGVLM_GROUPS
+    for name in group
+}
+
 
 @dataclass(frozen=True)
 class ModelAdapter:
@@ -34,6 +76,9 @@ class ModelAdapter:
     model_types: tuple[str, ...]
     layers_path: str
     linear_groups: tuple[tuple[str, ...], ...]
+    routing: Mapping[str, int] = field(default_factory=dict)  # linear name -> token type that feeds it
+    vision: ModelAdapter | None = None  # the vision encoder's blocks, quantized only on request
+    architectures: tuple[str, ...] = ()  # class names matched when config.model_type is unknown
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers_path)  # type: ignore[return-value]
@@ -61,10 +106,43 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
         ),
     ),
     # Vision-language models: the language tower is quantized; vision tower and projector stay.
-    ModelAdapter("llava", ("llava",), "model.language_model.layers", LLAMA_LIKE_GROUPS),
-    ModelAdapter("qwen2_vl", ("qwen2_vl", "qwen2_5_vl"), "model.language_model.layers", LLAMA_LIKE_GROUPS),
-    ModelAdapter("idefics3", ("idefics3", "smolvlm"), "model.text_model.layers", LLAMA_LIKE_GROUPS),
+    ModelAdapter(
+        "llava",
+        ("llava",),
+        "model.language_model.layers",
+        LLAMA_LIKE_GROUPS,
+        vision=ModelAdapter("llava:vision", ("llava",), "model.vision_tower.encoder.layers", CLIP_LIKE_GROUPS),
+    ),
+    ModelAdapter(
+        "qwen2_vl",
+        ("qwen2_vl",),
+        "model.language_model.layers",
+        LLAMA_LIKE_GROUPS,
+        vision=ModelAdapter("qwen2_vl:vision", ("qwen2_vl",), "model.visual.blocks", QWEN2_VL_VISION_GROUPS),
+    ),
+    # Qwen2.5-VL's vision blocks alternate window and full attention (per-block arguments), which
+    # the layer-by-layer runner does not replay yet: its vision tower stays 16-bit.
+    ModelAdapter("qwen2_5_vl", ("qwen2_5_vl",), "model.language_model.layers", LLAMA_LIKE_GROUPS),
+    ModelAdapter(
+        "idefics3",
+        ("idefics3", "smolvlm"),
+        "model.text_model.layers",
+        LLAMA_LIKE_GROUPS,
+        vision=ModelAdapter("idefics3:vision", ("idefics3",), "model.vision_model.encoder.layers", CLIP_LIKE_GROUPS),
+    ),
     ModelAdapter("gemma3", ("gemma3",), "model.language_model.layers", LLAMA_LIKE_GROUPS),
+    # CogVLM2 (remote code, THUDM/cogvlm2-llama3-chat-19B; `models.cogvlm2` mirrors its layout).
+    # Call order in a layer: vision QKV, language QKV, vision dense, language dense, then the
+    # vision MLP and the language MLP; each expert sees only its own tokens.
+    ModelAdapter(
+        "cogvlm2",
+        ("cogvlm2", "cogvlm"),
+        "model.layers",
+        COGVLM_GROUPS,
+        routing=COGVLM_ROUTING,
+        vision=ModelAdapter("cogvlm2:vision", ("cogvlm2",), "model.vision.transformer.layers", EVA_CLIP_GROUPS),
+        architectures=("CogVLMForCausalLM",),
+    ),
 )
 
 
@@ -80,7 +158,7 @@ def get_adapter(model: nn.Module, *, allow_discovery: bool = True) -> ModelAdapt
     """The adapter for `model` (by `config.model_type`), else one discovered from its structure."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     for adapter in ADAPTERS:
-        if model_type in adapter.model_types:
+        if model_type in adapter.model_types or type(model).__name__ in adapter.architectures:
             _check(adapter, model)
             return adapter
     if allow_discovery:

@@ -324,6 +324,8 @@ def _model_config_dict(model: nn.Module, quant: dict[str, Any], dtype: torch.dty
     if config is None or not hasattr(config, "to_dict"):
         raise ValueError(f"model of type {type(model).__name__} has no transformers `config` to save")
     d = config.to_dict()
+    # Loaders pick the class from here (a VLM must not be rebuilt as its bare language model).
+    d["architectures"] = d.get("architectures") or [type(model).__name__]
     dtype_name = str(dtype).removeprefix("torch.")
     d["dtype"] = dtype_name
     d["torch_dtype"] = dtype_name  # transformers < 5, AutoGPTQ and older vLLM read this key
@@ -745,15 +747,17 @@ def dequantized_model(path: str | Path, dtype: torch.dtype = torch.float32) -> P
     This evaluates a checkpoint without int4 kernels: the numbers are those a GPTQ kernel
     computes (up to its accumulation order), from exactly the bytes on disk.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
     from transformers.initialization import no_init_weights
+
+    from .architectures import from_config
 
     ckpt = load_quantized_state(path)
     config = AutoConfig.from_pretrained(str(path))
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # or transformers would look for a GPTQ backend
     with no_init_weights():  # every weight is overwritten below; random init is wasted time
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = from_config(config, dtype=dtype)
     model.tie_weights()  # skipped under no_init_weights; the key check below relies on it
     state = _dequantized_state(ckpt, dtype)
     _check_keys(Path(path), model, state)

@@ -5,12 +5,18 @@ give it (hidden states plus whatever the model computes once: rotary embeddings,
 position ids). Rather than re-implementing each architecture's preamble, the first layer is
 swapped for a catcher that records its call and stops the forward: embeddings, norms and mask
 construction run through the model's own code, whatever the architecture.
+
+A calibration batch is either a tensor of token ids (text) or a mapping of model keyword
+arguments (vision-language models: ids plus pixel values, image grids, token types), so that
+images go through the model's own vision tower and projector. Text batches of equal shape get
+identical layer arguments, which are kept once; each multimodal batch keeps its own (positions,
+masks and token types depend on where the image sits in the prompt).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,21 +30,76 @@ class StopForward(Exception):
     """Raised by hooks once everything needed from a forward pass has been captured."""
 
 
+Batch = torch.Tensor | Mapping[str, Any]
+"""One calibration forward: token ids [b, seqlen], or the model's keyword arguments."""
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, list | tuple):
+        return type(value)(_to(v, device) for v in value)
+    return value
+
+
+def forward_batch(model: nn.Module, batch: Batch, device: torch.device) -> Any:
+    """One forward of `model` on a calibration batch (ids or keyword arguments), without a cache."""
+    if isinstance(batch, torch.Tensor):
+        return model(input_ids=batch.to(device), use_cache=False)
+    return model(**{k: _to(v, device) for k, v in batch.items()}, use_cache=False)
+
+
 @dataclass
 class LayerInputs:
     """The hidden states entering a decoder layer, one tensor per calibration batch, and the
-    keyword arguments the model passes to every layer (identical for equal-shaped batches)."""
+    arguments the model passes to every layer: `args`/`kwargs` shared by all batches, or one
+    `(args, kwargs)` per batch in `per_batch` when they differ (multimodal batches)."""
 
     hidden: list[torch.Tensor]
     kwargs: dict[str, Any] = field(default_factory=dict)
+    args: tuple[Any, ...] = ()
+    per_batch: list[tuple[tuple[Any, ...], dict[str, Any]]] | None = None
+
+    def call(self, index: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """(positional args after the hidden states, keyword args) for batch `index`."""
+        return self.per_batch[index] if self.per_batch is not None else (self.args, self.kwargs)
+
+
+def _clean(kwargs: dict[str, Any]) -> dict[str, Any]:
+    kwargs = dict(kwargs)
+    kwargs.pop("past_key_values", None)
+    kwargs.pop("past_key_value", None)
+    if "use_cache" in kwargs:  # only where the layer takes it (vision blocks often do not)
+        kwargs["use_cache"] = False
+    return kwargs
+
+
+def _install_output_hooks(model: nn.Module) -> None:
+    """Let transformers install its output-recording hooks while every layer is the real one.
+
+    transformers 5 records hidden states (LLaVA reads the vision tower's penultimate one) with
+    hooks installed on the first forward. Were that forward the one with a layer swapped for the
+    catcher below, the real layer would never get its hook and later forwards would lose outputs.
+    """
+    try:
+        from transformers import PreTrainedModel
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:  # older transformers record outputs without hooks
+        return
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            maybe_install_capturing_hooks(module)
 
 
 @torch.no_grad()
 def capture_first_layer_inputs(
-    model: nn.Module, layers: nn.ModuleList, batches: Iterable[torch.Tensor], device: torch.device
+    model: nn.Module, layers: nn.ModuleList, batches: Iterable[Batch], device: torch.device
 ) -> LayerInputs:
-    """Run the model's preamble on each batch of token ids and record layer 0's inputs."""
+    """Run the model's preamble on each batch and record layer 0's inputs."""
     captured = LayerInputs(hidden=[])
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+    multimodal = False
+    _install_output_hooks(model)
     first = layers[0]
 
     class Catcher(nn.Module):
@@ -49,25 +110,29 @@ def capture_first_layer_inputs(
 
         def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> None:
             captured.hidden.append(hidden_states)
-            if not captured.kwargs:
-                captured.kwargs = dict(kwargs)
+            calls.append((args, kwargs))
             raise StopForward
 
     layers[0] = Catcher()
     try:
-        for ids in batches:
+        for batch in batches:
+            multimodal = multimodal or not isinstance(batch, torch.Tensor)
             with contextlib.suppress(StopForward):
-                model(input_ids=ids.to(device), use_cache=False)
+                forward_batch(model, batch, device)
     finally:
         layers[0] = first
-    captured.kwargs.pop("past_key_values", None)
-    captured.kwargs.pop("past_key_value", None)
-    captured.kwargs["use_cache"] = False
+    if not calls:
+        return captured
+    if multimodal:
+        captured.per_batch = [(args, _clean(kw)) for args, kw in calls]
+    captured.args, captured.kwargs = calls[0][0], _clean(calls[0][1])
     return captured
 
 
-def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-    out = layer(hidden, **kwargs)
+def run_layer(
+    layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], args: tuple[Any, ...] = ()
+) -> torch.Tensor:
+    out = layer(hidden, *args, **kwargs)
     return out[0] if isinstance(out, tuple | list) else out
 
 
@@ -110,11 +175,13 @@ class GroupInputCatcher:
 
         return hook
 
-    def run(self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def run(
+        self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], args: tuple[Any, ...] = ()
+    ) -> dict[str, torch.Tensor]:
         """One forward of `layer` (stopped early once every member has its input)."""
         self.inputs = {}
         with contextlib.suppress(StopForward):
-            run_layer(layer, hidden, kwargs)
+            run_layer(layer, hidden, kwargs, args)
         missing = set(self.modules) - set(self.inputs)
         if missing:
             raise RuntimeError(f"linears {sorted(missing)} were not called by the layer's forward")
@@ -135,6 +202,10 @@ class GroupInputCatcher:
 
     def hessian(self, name: str) -> torch.Tensor:
         return self.hessians[self.share[name]].H
+
+    def tokens(self, name: str) -> int:
+        """How many input rows (tokens) `name`'s Hessian was computed from."""
+        return self.hessians[self.share[name]].nsamples
 
     def remove(self) -> None:
         for h in self._handles:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,7 +47,10 @@ def is_quantized_checkpoint(path: Path | str) -> bool:
 def load_fp_model(
     model: str | None, dtype: str = "float32"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Path | str]:
-    """The model (eval mode, on CPU) and its tokenizer."""
+    """The model (eval mode, on CPU) and its tokenizer; vision-language models as their full
+    image-text class (`models.architectures`), so that images can flow through them."""
+    from models.architectures import model_class
+
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     where = resolve_model(model)
@@ -54,10 +58,21 @@ def load_fp_model(
         raise ModelLoadError(f"{where} is already a quantized checkpoint; quantize the full-precision model")
     try:
         tok = AutoTokenizer.from_pretrained(where, local_files_only=True)
-        m = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[dtype], local_files_only=True)
+        cls = model_class(AutoConfig.from_pretrained(where, local_files_only=True))
+        m = cls.from_pretrained(where, dtype=DTYPES[dtype], local_files_only=True)
     except OSError as e:
         raise ModelLoadError(
             f"cannot load model {model!r} offline: pass a local directory saved by save_pretrained "
             f"(rpiq never downloads from a model hub). Details: {e}"
         ) from e
     return m.eval(), tok, where
+
+
+def load_processor(where: Path | str) -> Any:
+    """The model's multimodal processor (image preprocessing + tokenizer + chat template), offline."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(where, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{where}: no usable processor for image calibration ({e})") from e

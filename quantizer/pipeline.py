@@ -7,25 +7,40 @@
   linear's Hessian with only one batch resident; then the kept last batch runs through the
   partly quantized model, layer by layer, next to a full-precision copy of its stream, and
   drives stage 2 with the single-instance residual.
+
+Calibration is token windows (a [nsamples, seqlen] tensor) or, for vision-language models, a
+list of model-input batches (image + question + answer, `quantizer.vlm_calibration`), so that
+every weight's Hessian comes from the tokens the full model really routes to it. With `vision`,
+the vision encoder's blocks are quantized first (on image batches), then the language tower is
+calibrated on what the quantized encoder produces.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from tqdm.auto import tqdm
 
-from models.adapters import ModelAdapter, get_adapter
+from models.adapters import ModelAdapter, UnsupportedModelError, get_adapter
 
-from .capture import GroupInputCatcher, LayerInputs, StopForward, capture_first_layer_inputs, run_layer
+from .capture import (
+    Batch,
+    GroupInputCatcher,
+    LayerInputs,
+    StopForward,
+    capture_first_layer_inputs,
+    forward_batch,
+    run_layer,
+)
 from .config import QuantConfig
 from .hessian import HessianAccumulator
 from .layer import Instance, quantize_weight
@@ -63,12 +78,56 @@ class ModelQuantization:
 
 
 LayerCallback = Callable[[int, int, list[LayerReport]], None]
+Calibration = torch.Tensor | Sequence[Mapping[str, Any]]
+"""Token windows [nsamples, seqlen], or model-input batches (vision-language calibration)."""
+
+
+def _check_calibration(calib: Calibration) -> None:
+    if isinstance(calib, torch.Tensor):
+        if calib.ndim != 2 or calib.numel() == 0:
+            raise ValueError(
+                f"calibration tokens must be a non-empty [nsamples, seqlen] tensor, got {tuple(calib.shape)}"
+            )
+    elif not calib or not all(isinstance(b, Mapping) for b in calib):
+        raise ValueError("calibration must be a token tensor or a non-empty list of model-input mappings")
+
+
+def _batches(calib: Calibration) -> list[Batch]:
+    """One forward per window (text) or per multimodal sample."""
+    return list(calib.split(1)) if isinstance(calib, torch.Tensor) else list(calib)
+
+
+def _kept(calib: Calibration, windows: int) -> list[Batch]:
+    """single-instance: the resident batch(es); text windows are stacked into one batch."""
+    return [calib[-windows:]] if isinstance(calib, torch.Tensor) else list(calib[-windows:])
+
+
+def _digest(calib: Calibration) -> torch.Tensor | str:
+    """What the resume fingerprint hashes: the token tensor itself, or every tensor of every batch."""
+    if isinstance(calib, torch.Tensor):
+        return calib
+    h = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, list | tuple):
+            for v in value:
+                feed(v)
+        else:
+            h.update(repr(value).encode())
+
+    for batch in calib:
+        for key in sorted(batch):
+            h.update(key.encode())
+            feed(batch[key])
+    return h.hexdigest()
 
 
 @torch.no_grad()
 def quantize_model(
     model: nn.Module,
-    calib: torch.Tensor,
+    calib: Calibration,
     config: QuantConfig | None = None,
     calibration: CalibrationConfig | None = None,
     *,
@@ -78,40 +137,72 @@ def quantize_model(
     progress: bool = True,
     on_layer: LayerCallback | None = None,
     lm_head: bool = False,
+    vision: bool = False,
 ) -> ModelQuantization:
     """Quantize every decoder-layer linear of `model` in place (weights become their dequantized
-    grid values) and return the codes. `calib` is [nsamples, seqlen] token ids.
+    grid values) and return the codes. `calib` is [nsamples, seqlen] token ids, or a list of
+    model-input batches (vision-language models, see `quantizer.vlm_calibration`).
 
     With `state_dir`, finished layers are stored there and a rerun with the same model, config
     and calibration tokens resumes after the last finished layer.
 
     `lm_head`: also quantize the output projection (see `quantize_lm_head`).
+    `vision`: also quantize the vision encoder's blocks (the adapter's `vision`), before the
+    language tower; projectors and embeddings stay in full precision either way.
     """
     cfg = config or QuantConfig()
     cal = calibration or CalibrationConfig()
-    if calib.ndim != 2 or calib.numel() == 0:
-        raise ValueError(f"calibration tokens must be a non-empty [nsamples, seqlen] tensor, got {tuple(calib.shape)}")
+    _check_calibration(calib)
     device = torch.device(device)
     adapter = get_adapter(model)
+    towers = [adapter]
+    if vision:
+        if adapter.vision is None:
+            raise UnsupportedModelError(f"the {adapter.name} adapter has no quantizable vision tower")
+        towers.insert(0, adapter.vision)
     model.eval()
-    state = None
-    done: dict[int, tuple[dict[str, QuantizedWeight], list[LayerReport]]] = {}
+    fp = None
     if state_dir is not None:
-        fp = fingerprint(run_id=run_id, config=cfg.model_dump(), calibration=cal.model_dump(), calib=calib)
-        state = RunState(state_dir, fp)
-        done = state.done_layers()
-    runner = _sequential if cal.mode == "sequential" else _single_instance
+        fp = fingerprint(
+            run_id=run_id, config=cfg.model_dump(), calibration=cal.model_dump(), calib=_digest(calib), vision=vision
+        )
     t0 = time.perf_counter()
     result = ModelQuantization()
+    for tower in towers:
+        state = None
+        if state_dir is not None and fp is not None:
+            state = RunState(state_dir if tower is adapter else state_dir / "vision", fp)
+        _quantize_tower(model, tower, calib, cfg, cal, device, state, result, progress, on_layer)
+    if lm_head:
+        name, qw, report = quantize_lm_head(model, calib, cfg, device)
+        result.weights[name] = qw
+        result.reports.append(report)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _quantize_tower(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    calib: Calibration,
+    cfg: QuantConfig,
+    cal: CalibrationConfig,
+    device: torch.device,
+    state: RunState | None,
+    result: ModelQuantization,
+    progress: bool,
+    on_layer: LayerCallback | None,
+) -> None:
+    """Quantize the blocks `adapter` describes (a language tower or a vision encoder)."""
+    done = state.done_layers() if state is not None else {}
+    runner = _sequential if cal.mode == "sequential" else _single_instance
     for _, (weights, reports) in sorted(done.items()):
         result.weights.update(weights)
         result.reports.extend(reports)
 
     total = len(adapter.layers(model))
-    bar = tqdm(
-        total=total, initial=len(done), desc=f"quantize ({cal.mode})", unit="layer", disable=not progress,
-        dynamic_ncols=True,
-    )  # fmt: skip
+    label = f"quantize {adapter.name} ({cal.mode})" if ":" in adapter.name else f"quantize ({cal.mode})"
+    bar = tqdm(total=total, initial=len(done), desc=label, unit="layer", disable=not progress, dynamic_ncols=True)
 
     def finish_layer(index: int, weights: dict[str, QuantizedWeight], reports: list[LayerReport]) -> None:
         result.weights.update(weights)
@@ -127,16 +218,10 @@ def quantize_model(
         runner(model, adapter, calib, cfg, cal, device, done, finish_layer, progress)
     finally:
         bar.close()
-    if lm_head:
-        name, qw, report = quantize_lm_head(model, calib, cfg, device)
-        result.weights[name] = qw
-        result.reports.append(report)
-    result.seconds = time.perf_counter() - t0
-    return result
 
 
 def quantize_lm_head(
-    model: nn.Module, calib: torch.Tensor, cfg: QuantConfig, device: torch.device
+    model: nn.Module, calib: Calibration, cfg: QuantConfig, device: torch.device
 ) -> tuple[str, QuantizedWeight, LayerReport]:
     """Quantize the output projection on the inputs the (already quantized) model gives it.
 
@@ -168,9 +253,9 @@ def quantize_lm_head(
     model.to(device)
     handle = head.register_forward_pre_hook(hook)
     try:
-        for ids in calib.split(1):
+        for batch in _batches(calib):
             with contextlib.suppress(StopForward):
-                model(input_ids=ids.to(device), use_cache=False)
+                forward_batch(model, batch, device)
     finally:
         handle.remove()
         model.to(home)
@@ -205,13 +290,29 @@ def _preamble_to(model: nn.Module, layers: nn.ModuleList, device: torch.device) 
         b.data = b.data.to(device)
 
 
+def _check_tokens(adapter: ModelAdapter, prefix: str, catcher: GroupInputCatcher) -> None:
+    """Refuse a linear that no calibration token reached: its zero Hessian would zero its weights."""
+    for name in catcher.modules:
+        if catcher.tokens(name) == 0:
+            routed = adapter.routing.get(name)
+            hint = (
+                f" (it only receives tokens of type {routed}; calibrate with data that contains them, "
+                "e.g. --calib-data images for image tokens)"
+                if routed is not None
+                else ""
+            )
+            raise ValueError(f"{prefix}.{name} received no calibration tokens{hint}")
+
+
 def _quantize_group(
     layer: nn.Module,
     prefix: str,
     catcher: GroupInputCatcher,
     cfg: QuantConfig,
     instances: dict[str, Instance] | None,
+    adapter: ModelAdapter,
 ) -> tuple[dict[str, QuantizedWeight], list[LayerReport]]:
+    _check_tokens(adapter, prefix, catcher)
     weights, reports = {}, []
     for name, module in catcher.modules.items():
         inst = instances.get(name) if instances else None
@@ -225,7 +326,7 @@ def _quantize_group(
 def _sequential(model, adapter, calib, cfg, cal, device, done, finish_layer, progress) -> None:
     layers = adapter.layers(model)
     _preamble_to(model, layers, device)
-    inputs: LayerInputs = capture_first_layer_inputs(model, layers, calib.split(1), device)
+    inputs: LayerInputs = capture_first_layer_inputs(model, layers, _batches(calib), device)
     for index, layer in enumerate(layers):
         layer.to(device)
         prefix = _layer_prefix(adapter, index)
@@ -237,15 +338,16 @@ def _sequential(model, adapter, calib, cfg, cal, device, done, finish_layer, pro
             for group in adapter.linear_groups:
                 catcher = GroupInputCatcher({n: layer.get_submodule(n) for n in group})
                 try:
-                    for hidden in inputs.hidden:
-                        catcher.accumulate(catcher.run(layer, hidden, inputs.kwargs))
+                    for b, hidden in enumerate(inputs.hidden):
+                        args, kwargs = inputs.call(b)
+                        catcher.accumulate(catcher.run(layer, hidden, kwargs, args))
                 finally:
                     catcher.remove()
-                w, r = _quantize_group(layer, prefix, catcher, cfg, None)
+                w, r = _quantize_group(layer, prefix, catcher, cfg, None, adapter)
                 layer_weights.update(w)
                 layer_reports.extend(r)
             finish_layer(index, layer_weights, layer_reports)
-        inputs.hidden = [run_layer(layer, h, inputs.kwargs) for h in inputs.hidden]
+        inputs.hidden = [run_layer(layer, h, *reversed(inputs.call(b))) for b, h in enumerate(inputs.hidden)]
         if device.type != "cpu":
             layer.to("cpu")
 
@@ -253,7 +355,7 @@ def _sequential(model, adapter, calib, cfg, cal, device, done, finish_layer, pro
 def stream_hessians(
     model: nn.Module,
     adapter: ModelAdapter,
-    calib: torch.Tensor,
+    calib: Calibration,
     layer_indices: range | list[int],
     device: torch.device,
     progress: bool = False,
@@ -278,9 +380,9 @@ def stream_hessians(
 
     stopper = layers[max(layer_indices)].register_forward_hook(stop)
     try:
-        for ids in tqdm(calib.split(1), desc="hessians (single pass)", disable=not progress, dynamic_ncols=True):
+        for batch in tqdm(_batches(calib), desc="hessians (single pass)", disable=not progress, dynamic_ncols=True):
             with contextlib.suppress(StopForward):
-                model(input_ids=ids.to(device), use_cache=False)
+                forward_batch(model, batch, device)
     finally:
         stopper.remove()
         for catchers in per_layer:
@@ -297,19 +399,21 @@ def _single_instance(model, adapter, calib, cfg, cal, device, done, finish_layer
     # Pass 1: every linear's Hessian from one streaming pass over the full-precision model.
     by_layer = stream_hessians(model, adapter, calib, range(len(layers)), device, progress)
 
-    # Pass 2: the kept batch, through the full-precision and the partly quantized streams.
-    kept = calib[-cal.instance_windows :]
-    fp_in = capture_first_layer_inputs(model, layers, [kept], device)
-    fp_hidden, kwargs = fp_in.hidden[0], fp_in.kwargs
-    q_hidden = fp_hidden.clone()
+    # Pass 2: the kept batch(es), through the full-precision and the partly quantized streams.
+    fp_in = capture_first_layer_inputs(model, layers, _kept(calib, cal.instance_windows), device)
+    fp_hidden = fp_in.hidden
+    q_hidden = [h.clone() for h in fp_hidden]
+    calls = [fp_in.call(b) for b in range(len(fp_hidden))]
     for index, layer in enumerate(layers):
         prefix = _layer_prefix(adapter, index)
         # Full-precision inputs of every linear, and the layer's full-precision output.
         all_linears = {n: layer.get_submodule(n) for n in adapter.linear_names()}
         fp_catch = GroupInputCatcher(all_linears, stop=False)
+        fp_out, fp_inputs = [], []
         try:
-            fp_out = run_layer(layer, fp_hidden, kwargs)
-            fp_inputs = dict(fp_catch.inputs)
+            for h, (args, kwargs) in zip(fp_hidden, calls, strict=True):
+                fp_out.append(run_layer(layer, h, kwargs, args))
+                fp_inputs.append(dict(fp_catch.inputs))
         finally:
             fp_catch.remove()
         if index in done:
@@ -319,20 +423,21 @@ def _single_instance(model, adapter, calib, cfg, cal, device, done, finish_layer
             for group, catcher in zip(adapter.linear_groups, by_layer[index], strict=True):
                 q_catch = GroupInputCatcher({n: layer.get_submodule(n) for n in group})
                 try:
-                    xq = q_catch.run(layer, q_hidden, kwargs)
+                    xq = [q_catch.run(layer, h, kw, args) for h, (args, kw) in zip(q_hidden, calls, strict=True)]
                 finally:
                     q_catch.remove()
                 instances = {}
                 for name, module in catcher.modules.items():
-                    x_fp = fp_inputs[name].reshape(-1, module.in_features).float()
+                    rows = module.in_features
+                    x_fp = torch.cat([x[name].reshape(-1, rows).float() for x in fp_inputs])
                     y = x_fp @ module.weight.float().t()
-                    instances[name] = Instance(Xq=xq[name].reshape(-1, module.in_features).float(), Y=y)
-                w, r = _quantize_group(layer, prefix, catcher, cfg, instances)
+                    instances[name] = Instance(Xq=torch.cat([x[name].reshape(-1, rows).float() for x in xq]), Y=y)
+                w, r = _quantize_group(layer, prefix, catcher, cfg, instances, adapter)
                 layer_weights.update(w)
                 layer_reports.extend(r)
             finish_layer(index, layer_weights, layer_reports)
         by_layer[index] = []  # this layer's Hessians are no longer needed
-        q_hidden = run_layer(layer, q_hidden, kwargs)
+        q_hidden = [run_layer(layer, h, kwargs, args) for h, (args, kwargs) in zip(q_hidden, calls, strict=True)]
         fp_hidden = fp_out
     if device.type != "cpu":
         for layer in layers:

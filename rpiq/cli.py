@@ -67,7 +67,9 @@ def quantize(
     instance_weight: Annotated[
         float | None, typer.Option(help="single-instance: weight of the kept batch's output error (0..1)")
     ] = None,
-    calib_data: Annotated[str, typer.Option(help="text file, or built-in 'calib'")] = "calib",
+    calib_data: Annotated[
+        str, typer.Option(help="text file, built-in 'calib', or 'images' (built-in image set, vision-language models)")
+    ] = "calib",
     nsamples: Annotated[int, typer.Option(help="calibration windows")] = 128,
     seqlen: Annotated[int, typer.Option(help="tokens per calibration window")] = 2048,
     seed: Annotated[int, typer.Option(help="seed for drawing calibration windows")] = 0,
@@ -96,6 +98,9 @@ def quantize(
             "full precision): smaller reads per token for large-vocabulary models, at some perplexity"
         ),
     ] = False,
+    quantize_vision: Annotated[
+        bool, typer.Option(help="vision-language models: also quantize the vision encoder (projector stays 16-bit)")
+    ] = False,
     resume: Annotated[bool, typer.Option(help="resume an interrupted run from OUT.rpiq-state")] = True,
     progress: Annotated[bool, typer.Option(help="progress bars")] = True,
 ) -> None:
@@ -108,6 +113,7 @@ def quantize(
     from quantizer.evaluate import perplexity
     from quantizer.loading import DTYPES, ModelLoadError, load_fp_model
     from quantizer.pipeline import CalibrationConfig, quantize_model
+    from quantizer.vlm_calibration import IMAGES, image_calibration
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         _fail("--device cuda was given but no CUDA GPU is available")
@@ -129,8 +135,10 @@ def quantize(
         )
         calibration = CalibrationConfig(mode=calib.value, instance_windows=instance_windows)
         m, tok, where = load_fp_model(model, dtype)
-        text = load_text(calib_data)
-        windows = calibration_windows(tok, text, nsamples, seqlen, seed=seed)
+        if calib_data == IMAGES:  # (image, question, answer) batches through the whole VLM
+            windows, tok = image_calibration(m, where, tok, nsamples, seed)
+        else:
+            windows = calibration_windows(tok, load_text(calib_data), nsamples, seqlen, seed=seed)
         ev = None
         if eval_text is not None:
             ev = evaluation_windows(tok, load_text(eval_text), eval_seqlen, max_windows=eval_windows)
@@ -160,6 +168,7 @@ def quantize(
         run_id=str(where),
         progress=progress,
         lm_head=quantize_lm_head,
+        vision=quantize_vision,
     )
     report["quantize_seconds"] = time.perf_counter() - t0
     report["layer_loss_sum"] = result.total_loss
@@ -171,6 +180,7 @@ def quantize(
         "seqlen": seqlen,
         "seed": seed,
         "lm_head": quantize_lm_head,
+        "vision": quantize_vision,
         "config": config.model_dump(),
         "layer_loss_sum": result.total_loss,
     }
@@ -328,9 +338,81 @@ def generate(
 
 
 @app.command()
-def serve() -> None:
-    """Start the assistive HTTP server (not implemented yet: issue "The assistive server")."""
-    _fail("`rpiq serve` is not implemented yet; the server lands with the assistive-server issue", code=3)
+def serve(
+    checkpoint: Annotated[
+        str | None, typer.Argument(help="model or int4 checkpoint directory; omit for the embedded default")
+    ] = None,
+    host: Annotated[str, typer.Option(help="address to bind; beyond loopback an API key is required")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    api_key: Annotated[
+        str | None, typer.Option(help="require 'Authorization: Bearer KEY' (env RPIQ_API_KEY)", envvar="RPIQ_API_KEY")
+    ] = None,
+    allow_insecure_public: Annotated[
+        bool, typer.Option(help="bind beyond loopback without an API key (trusted networks only)")
+    ] = False,
+    queue_size: Annotated[int | None, typer.Option(help="requests that may wait for the model (503 beyond)")] = None,
+    timeout: Annotated[float | None, typer.Option(help="per-request timeout in seconds")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda")] = None,
+    kernel: Annotated[str | None, typer.Option(help="int4 kernel for quantized checkpoints")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16, float16")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
+    ocr: Annotated[str | None, typer.Option(help="OCR engine: rapidocr, tesseract or none")] = None,
+    voice: Annotated[str | None, typer.Option(help="default espeak-ng voice or language")] = None,
+    env_file: Annotated[
+        Path | None, typer.Option(help="read RPIQ_* settings from this file (see deploy/rpiq.env.example)")
+    ] = None,
+) -> None:
+    """Start the assistive HTTP server (VQA, reading, speech, OpenAI-compatible chat) on CHECKPOINT."""
+    from pydantic import ValidationError
+
+    from quantizer.loading import ModelLoadError, resolve_model
+    from server.app import run
+    from server.settings import ServerSettings
+
+    given = {
+        "model": checkpoint, "host": host, "port": port, "api_key": api_key,
+        "allow_insecure_public": allow_insecure_public or None, "queue_size": queue_size,
+        "request_timeout_s": timeout, "device": device, "kernel": kernel, "dtype": dtype, "threads": threads,
+        "ocr_engine": ocr, "voice": voice,
+    }  # fmt: skip
+    defaults = {"host": "127.0.0.1", "port": 8000}  # CLI defaults must not override an env file's values
+    overrides = {k: v for k, v in given.items() if v is not None and defaults.get(k, object()) != v}
+    try:
+        if env_file is not None and not env_file.is_file():
+            raise ValueError(f"--env-file {env_file} does not exist")
+        settings = ServerSettings(_env_file=env_file, **overrides)
+        settings.check_exposure()
+        if settings.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("--device cuda was given but no CUDA GPU is available")
+        if settings.model is not None:
+            resolve_model(settings.model)  # fail now with a clear message, not later in /readyz
+    except ValidationError as e:
+        _fail("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()))
+    except (ValueError, ModelLoadError) as e:
+        _fail(str(e))
+    console.print(f"rpiq serve: http://{settings.host}:{settings.port}  (docs at /docs, readiness at /readyz)")
+    run(settings)
+
+
+@app.command()
+def plan(
+    model: Annotated[str, typer.Argument(help="'cogvlm2' (built-in config numbers) or a model directory")] = "cogvlm2",
+    bits: Annotated[int, typer.Option(help="bits of the quantized linears")] = 4,
+    group_size: Annotated[int, typer.Option(help="columns per scale/zero group; -1 = per channel")] = 128,
+) -> None:
+    """Weight memory of MODEL in 16-bit and quantized (GPTQ format), per component, from its config."""
+    from rpiq.plan import load_config, meta_model, plan_model
+    from rpiq.plan_report import print_plan
+
+    try:
+        config, name = load_config(model)
+        result = plan_model(meta_model(config), name, bits, group_size)
+    except (ValueError, OSError) as e:
+        _fail(str(e))
+    print_plan(result, out)
 
 
 @app.command()

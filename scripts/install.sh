@@ -9,8 +9,9 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 "$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11), f"rpiq needs Python 3.11, found {sys.version}"'
 
-# Debian packages the project needs (none yet for the quantizer; the server adds espeak-ng).
-APT_PACKAGES=()
+# Debian packages the project needs: espeak-ng (the server's speech, via pyttsx3), DejaVu fonts (the
+# server tests render text with exact ground truth), libgl1/libglib2.0-0 (OpenCV, pulled in by rapidocr).
+APT_PACKAGES=(espeak-ng fonts-dejavu-core libgl1 libglib2.0-0)
 if [ ${#APT_PACKAGES[@]} -gt 0 ] && command -v apt-get >/dev/null; then
   missing=()
   for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

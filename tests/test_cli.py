@@ -135,9 +135,18 @@ def test_missing_model_directory(tmp_path):
 
 
 def test_unfinished_commands_say_so():
-    res = runner.invoke(app, ["serve"])
+    res = runner.invoke(app, ["bench"])
     assert res.exit_code == 3
     assert "not implemented yet" in res.output
+
+
+def test_serve_refuses_to_expose_without_an_api_key(tmp_path):
+    res = runner.invoke(app, ["serve", "--host", "0.0.0.0"], env={"RPIQ_API_KEY": ""})
+    assert res.exit_code == 2
+    assert "API key" in res.output
+    res = runner.invoke(app, ["serve", str(tmp_path), "--port", "1"])
+    assert res.exit_code == 2
+    assert "no config.json" in res.output
 
 
 def test_help_lists_every_command():

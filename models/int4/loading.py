@@ -85,7 +85,9 @@ def load_quantized(
     `CheckpointError` naming the file and tensor; an impossible kernel raises `KernelUnavailableError`.
     """
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from models.architectures import from_config
 
     path = Path(path)
     device = torch.device(device)
@@ -98,7 +100,7 @@ def load_quantized(
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # we are the GPTQ backend; transformers must not look for one
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = from_config(config, dtype=dtype)  # the VLM class for VLM checkpoints
 
     used: Counter[str] = Counter()
     names = tqdm(stream.quantized_names, desc="loading int4 layers", unit="layer", disable=not progress)

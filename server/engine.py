@@ -1,0 +1,236 @@
+"""The one model instance: loading (full precision or int4), chat generation with streaming and
+cooperative cancellation, and log-likelihood scoring for OCR clean-up.
+
+Everything here runs on the model lane's single thread (see `lanes.py`); nothing is thread-safe
+by itself and nothing needs to be. Cancellation is a `threading.Event` checked by a stopping
+criterion after every token, so a disconnected client or an expired deadline frees the model
+within one decoding step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("rpiq.server")
+
+
+@dataclass
+class GenParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.1  # small models loop without it
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GenResult:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # stop | length | cancelled
+    seconds: float
+    first_token_s: float | None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class _Stop:
+    """Stopping criterion: cancel event, deadline, stop strings; optional per-token delay (simulated slow device)."""
+
+    def __init__(self, cancel: threading.Event, deadline: float | None, delay: float, stopped: list[bool]) -> None:
+        self.cancel, self.deadline, self.delay, self.stopped = cancel, deadline, delay, stopped
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self.delay:
+            time.sleep(self.delay)
+        done = self.cancel.is_set() or (self.deadline is not None and time.monotonic() > self.deadline)
+        if done:
+            self.stopped[0] = True
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+class Engine:
+    def __init__(
+        self,
+        model: str | None,
+        *,
+        device: str = "cpu",
+        kernel: str = "auto",
+        dtype: str = "auto",
+        name: str | None = None,
+        threads: int | None = None,
+        max_prompt_tokens: int = 2048,
+        token_delay_s: float = 0.0,
+    ) -> None:
+        self.requested = model
+        self.device = device
+        self.kernel = kernel
+        self.dtype = dtype
+        self.threads = threads
+        self.max_prompt_tokens = max_prompt_tokens
+        self.token_delay_s = token_delay_s
+        self.model = None
+        self.tokenizer = None
+        self.path: Path | None = None
+        self.name = name or "rpiq"
+        self._explicit_name = name
+        self.quantized = False
+        self.can_see = False  # a VLM backend (later issue) sets this and takes images in generate()
+        self.created = int(time.time())
+
+    # --- loading ---------------------------------------------------------------------------------
+    def load(self) -> None:
+        from transformers import AutoTokenizer
+
+        from quantizer.loading import DTYPES, is_quantized_checkpoint, load_fp_model, resolve_model
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        where = resolve_model(self.requested)
+        path = Path(str(where))
+        cfg = path / "config.json"
+        if cfg.is_file():
+            conf = json.loads(cfg.read_text())
+            if "vision_config" in conf:
+                raise ModelLoadError(
+                    f"{path} is a vision-language checkpoint; serving VLMs is not implemented yet "
+                    "(the Describer seam in server/vision.py is where it plugs in)"
+                )
+        t0 = time.perf_counter()
+        if is_quantized_checkpoint(where):
+            from models.int4 import load_quantized  # lazily: pulls in the int4 kernels
+
+            dtype = None if self.dtype == "auto" else DTYPES[self.dtype]
+            self.model = load_quantized(where, device=self.device, kernel=self.kernel, dtype=dtype)
+            self.tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True)
+            self.quantized = True
+        else:
+            dtype = "float32" if self.dtype == "auto" else self.dtype
+            model, tok, where = load_fp_model(str(where), dtype)
+            self.model, self.tokenizer = model.to(self.device), tok
+        self.model.eval()
+        self.path = path
+        if not self._explicit_name:
+            self.name = path.name
+        log.info("model %s loaded (%s) in %.1f s", self.name, "int4" if self.quantized else "full precision",
+                 time.perf_counter() - t0)  # fmt: skip
+
+    @property
+    def loaded(self) -> bool:
+        return self.model is not None
+
+    # --- prompts ---------------------------------------------------------------------------------
+    def _prompt_ids(self, messages: list[dict]) -> torch.Tensor:
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        else:  # a base model: a plain transcript
+            text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
+        ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        if ids.shape[1] > self.max_prompt_tokens:  # keep the end: the question and the template's tail
+            ids = ids[:, -self.max_prompt_tokens :]
+        return ids
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def truncate_tokens(self, text: str, n: int) -> str:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return text if len(ids) <= n else self.tokenizer.decode(ids[:n])
+
+    # --- generation (model lane) -------------------------------------------------------------------
+    def generate(
+        self,
+        messages: list[dict],
+        params: GenParams,
+        cancel: threading.Event,
+        deadline: float | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> GenResult:
+        from transformers import StoppingCriteriaList, TextStreamer
+
+        t0 = time.perf_counter()
+        tok = self.tokenizer
+        ids = self._prompt_ids(messages).to(self.model.device)
+        first: list[float] = []
+        pieces: list[str] = []
+        stopped = [False]
+
+        class _Streamer(TextStreamer):
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                if text:
+                    if not first:
+                        first.append(time.perf_counter() - t0)
+                    pieces.append(text)
+                    if on_text is not None:
+                        on_text(text)
+
+        streamer = _Streamer(tok, skip_prompt=True, skip_special_tokens=True)
+        sample = params.temperature > 0
+        gen_kwargs = dict(
+            max_new_tokens=params.max_new_tokens,
+            do_sample=sample,
+            temperature=params.temperature if sample else None,
+            top_p=params.top_p if sample else None,
+            top_k=None,
+            repetition_penalty=params.repetition_penalty,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            eos_token_id=tok.eos_token_id,
+            stopping_criteria=StoppingCriteriaList([_Stop(cancel, deadline, self.token_delay_s, stopped)]),
+            streamer=streamer,
+        )
+        if params.stop:
+            gen_kwargs["stop_strings"] = params.stop
+            gen_kwargs["tokenizer"] = tok
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **gen_kwargs)
+        new = out[0, ids.shape[1] :]
+        n_new = int(new.shape[0])
+        text = tok.decode(new, skip_special_tokens=True)
+        if params.stop:
+            cut = [text.find(s) for s in params.stop if s and s in text]
+            if cut:
+                text = text[: min(cut)]
+        if stopped[0]:
+            reason = "cancelled"
+        elif n_new >= params.max_new_tokens and (n_new == 0 or int(new[-1]) != tok.eos_token_id):
+            reason = "length"
+        else:
+            reason = "stop"
+        return GenResult(text.strip(), int(ids.shape[1]), n_new, reason, time.perf_counter() - t0,
+                         first[0] if first else None)  # fmt: skip
+
+    def score(self, texts: list[str], prefix: str = "Text read from a photo:\n") -> list[float]:
+        """Log-likelihood (sum over tokens, natural log) of each text after `prefix`: for choosing OCR readings."""
+        if not texts:
+            return []
+        tok = self.tokenizer
+        pre = tok(prefix, add_special_tokens=False)["input_ids"]
+        seqs = [pre + tok(t, add_special_tokens=False)["input_ids"][:128] for t in texts]
+        width = max(len(s) for s in seqs)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+        with torch.inference_mode():
+            logits = self.model(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device)).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        target = ids[:, 1:].to(logp.device)
+        tok_lp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        keep = mask[:, 1:].to(logp.device).clone()
+        keep[:, : len(pre) - 1] = 0  # score only the text, not the shared prefix
+        return (tok_lp * keep).sum(dim=1).tolist()

@@ -1,0 +1,39 @@
+"""Prometheus metrics: request counts and latencies per route, queue depth per lane, tokens/s, first audio.
+
+A registry per app (not the process-global default) so several apps in one test process do not
+collide. Labels use the route template (``/v1/vqa``), never anything the user sent.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("rpiq_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.latency = Histogram(
+            "rpiq_request_seconds", "HTTP request latency", ["route"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("rpiq_queue_depth", "jobs admitted and not finished, per lane", ["lane"], registry=r)
+        self.rejected = Counter(
+            "rpiq_rejected", "requests refused with 503 because a lane was full", ["lane"], registry=r
+        )
+        self.timeouts = Counter("rpiq_timeouts", "requests that ran out of time", registry=r)
+        self.cancelled = Counter("rpiq_cancelled", "generations cancelled (client gone or timeout)", registry=r)
+        self.tokens = Counter("rpiq_generated_tokens", "tokens generated", registry=r)
+        self.tokens_per_second = Gauge("rpiq_tokens_per_second", "decode speed of the last generation", registry=r)
+        self.first_audio = Histogram(
+            "rpiq_time_to_first_audio_seconds", "request start to first audio chunk (streaming)",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.model_loaded = Gauge("rpiq_model_loaded", "1 once the model is ready", registry=r)
+
+    def render(self, lanes: dict) -> bytes:
+        for name, lane in lanes.items():
+            self.queue_depth.labels(name).set(lane.depth)
+        return generate_latest(self.registry)

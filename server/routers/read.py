@@ -1,0 +1,74 @@
+"""/v1/read: image -> the text in it, in reading order, and optionally speech."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from ..assist import audio_json, load_image
+from ..auth import require_api_key
+from ..errors import ApiError
+from ..images import measure
+from ..prompts import NO_TEXT
+from ..runtime import ClientGone
+from ..schemas import ReadJson, ReadOptions, ReadResponse
+from ..uploads import parse_image_request
+from .common import ERRORS, image_body, runtime, wants_wav, wav_response
+
+router = APIRouter(tags=["assist"], dependencies=[Depends(require_api_key)])
+
+
+@router.post(
+    "/v1/read",
+    response_model=ReadResponse,
+    responses={200: {"content": {"audio/wav": {}}, "description": "JSON, or WAV with Accept: audio/wav"}, **ERRORS},
+    openapi_extra=image_body(ReadJson, ReadOptions),
+    summary="Read the text in a photo (signs, labels, letters, screens), in reading order",
+)
+async def read(request: Request) -> Response:
+    rt = runtime(request)
+    rt.require_ready()
+    image_bytes, opts = await parse_image_request(request, ReadOptions, rt.settings.max_upload_bytes)
+    if rt.reader is None:
+        raise ApiError(503, "ocr_unavailable", f"No OCR engine is available: {rt.components.get('ocr')}")
+    as_wav = wants_wav(request)
+    ctx = rt.context(opts.timeout_s)
+    cleanup = rt.settings.ocr_cleanup if opts.cleanup is None else opts.cleanup
+
+    async def work() -> dict:
+        t0 = time.perf_counter()
+        image = await load_image(rt, image_bytes)
+        facts = measure(image)
+        timings = {"decode_s": time.perf_counter() - t0}
+        reading = await rt.reader.read(image, cancel=ctx.cancel, timeout=ctx.remaining(), cleanup=cleanup)
+        timings.update(reading.timings)
+        audio = None
+        if opts.speak or as_wav:
+            t1 = time.perf_counter()
+            spoken = " ".join([*facts.sentences(), reading.text.replace("\n", ". ") if reading.text else NO_TEXT])
+            audio = await rt.speech.speak(spoken, rate=opts.rate, voice=opts.voice, volume=opts.volume,
+                                          cancel=ctx.cancel, timeout=ctx.remaining())  # fmt: skip
+            timings["speech_s"] = time.perf_counter() - t1
+        timings["total_s"] = ctx.elapsed()
+        return {"reading": reading, "facts": facts, "audio": audio, "timings": timings}
+
+    try:
+        out = await rt.guard(request, ctx, work())
+    except ClientGone:
+        return Response(status_code=499)
+    reading, audio = out["reading"], out["audio"]
+    if as_wav:
+        return wav_response(audio.wav, reading.text)
+    body = ReadResponse(
+        text=reading.text,
+        lines=[{"text": ln.text, "confidence": round(ln.confidence, 3), "box": ln.box} for ln in reading.lines],
+        engine=reading.engine,
+        cleaned=reading.cleaned,
+        audio=audio_json(audio) if audio else None,
+        timings={k: round(v, 4) for k, v in out["timings"].items()},
+        model=rt.engine.name,
+        image=out["facts"].as_dict(),
+    )
+    return JSONResponse(body.model_dump())

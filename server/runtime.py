@@ -1,0 +1,162 @@
+"""The server's long-lived parts (settings, model engine, lanes, OCR, speech, metrics) and per-request context.
+
+Loading happens in a background thread after startup, so /healthz answers at once and /readyz
+turns 200 only when the model, OCR and speech are usable (what an orchestrator should wait for).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from fastapi import Request
+
+from .engine import Engine
+from .errors import ApiError
+from .lanes import Cancelled, Lane, QueueFull
+from .metrics import Metrics
+from .ocr import OcrUnavailableError, make_engine
+from .reading import Reader
+from .settings import ServerSettings
+from .speech import Speech, SpeechUnavailableError
+from .vision import Describer, TextOnlyDescriber
+
+log = logging.getLogger("rpiq.server")
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The client disconnected; nobody will read the response."""
+
+
+@dataclass
+class RequestCtx:
+    """Per request: a cancel event shared by every job it queues, and one deadline for all of them."""
+
+    timeout_s: float
+    t0: float = field(default_factory=time.perf_counter)
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.deadline = time.monotonic() + self.timeout_s
+
+    def remaining(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        return left
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+class Runtime:
+    def __init__(self, settings: ServerSettings, engine: Engine | None = None) -> None:
+        self.settings = settings
+        s = settings
+        self.metrics = Metrics()
+        self.engine = engine or Engine(
+            s.model, device=s.device, kernel=s.kernel, dtype=s.dtype, name=s.model_name, threads=s.threads,
+            max_prompt_tokens=s.max_prompt_tokens, token_delay_s=s.token_delay_s,
+        )  # fmt: skip
+        self.model_lane = Lane("model", s.queue_size)
+        self.ocr_lane = Lane("ocr", s.queue_size)
+        self.speech_lane = Lane("speech", max(16, 4 * s.queue_size))
+        self.lanes = {"model": self.model_lane, "ocr": self.ocr_lane, "speech": self.speech_lane}
+        self.speech = Speech(self.speech_lane, s.voice, s.speech_rate, s.speech_volume)
+        self.reader: Reader | None = None
+        self.describer: Describer = TextOnlyDescriber(None)
+        self.ready = False
+        self.load_error: str | None = None
+        self.components: dict[str, str] = {"model": "loading", "ocr": "loading", "speech": "loading"}
+        self._loader: threading.Thread | None = None
+
+    # --- start-up ----------------------------------------------------------------------------------
+    def start_loading(self) -> None:
+        self._loader = threading.Thread(target=self._load_all, name="rpiq-loader", daemon=True)
+        self._loader.start()
+
+    def _load_all(self) -> None:
+        try:
+            # Speech and OCR initialise on their own lane threads (pyttsx3 must stay on one thread).
+            speech = self.speech_lane.submit_sync(self.speech.warm_up)
+            ocr_engine = self.ocr_lane.submit_sync(make_engine, self.settings.ocr_engine)
+            self.model_lane.submit_sync(self.engine.load).result()
+            self.components["model"] = f"ready ({'int4' if self.engine.quantized else 'full precision'})"
+            try:
+                ocr = ocr_engine.result()
+                self.components["ocr"] = f"ready ({ocr.name})" if ocr else "disabled"
+            except OcrUnavailableError as e:
+                ocr = None
+                self.components["ocr"] = f"unavailable: {e}"
+                log.warning("OCR unavailable: %s", e)
+            if ocr is not None:
+                self.reader = Reader(ocr, self.ocr_lane, self.engine,
+                                     self.model_lane if self.settings.ocr_cleanup else None)  # fmt: skip
+            self.describer = TextOnlyDescriber(self.reader)
+            try:
+                speech.result()
+                self.components["speech"] = "ready (espeak-ng)"
+            except SpeechUnavailableError as e:
+                self.components["speech"] = f"unavailable: {e}"
+                log.warning("speech unavailable: %s", e)
+            self.ready = True
+            self.metrics.model_loaded.set(1)
+            log.info("ready: %s", self.components)
+        except Exception as e:  # shown by /readyz; the process stays up so the reason can be read
+            self.load_error = f"{type(e).__name__}: {e}"
+            self.components["model"] = f"failed: {self.load_error}"
+            log.exception("loading failed")
+
+    def shutdown(self) -> None:
+        for lane in self.lanes.values():
+            lane.shutdown()
+
+    # --- per request -------------------------------------------------------------------------------
+    def require_ready(self) -> None:
+        if not self.ready:
+            if self.load_error:
+                raise ApiError(503, "model_failed", f"The model failed to load: {self.load_error}")
+            raise ApiError(503, "model_loading", "The model is still loading.", {"Retry-After": "5"})
+
+    def context(self, timeout_s: float | None) -> RequestCtx:
+        limit = self.settings.request_timeout_s
+        return RequestCtx(min(timeout_s, limit) if timeout_s else limit)
+
+    async def guard(self, request: Request, ctx: RequestCtx, work: Awaitable[T]) -> T:
+        """Await `work`, turning lane errors into API errors; a client that disconnects cancels it."""
+        task = asyncio.ensure_future(work)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.2)
+                if done:
+                    return task.result()
+                if await request.is_disconnected():
+                    ctx.cancel.set()
+                    task.cancel()
+                    self.metrics.cancelled.inc()
+                    raise ClientGone
+        except QueueFull as e:
+            ctx.cancel.set()
+            self.metrics.rejected.labels(e.lane).inc()
+            raise ApiError(
+                503, "queue_full", f"The server is busy ({e.lane} queue full); retry in {e.retry_after} s.",
+                {"Retry-After": str(e.retry_after)},
+            ) from None  # fmt: skip
+        except SpeechUnavailableError as e:
+            raise ApiError(503, "speech_unavailable", str(e)) from None
+        except (TimeoutError, Cancelled):
+            ctx.cancel.set()
+            self.metrics.timeouts.inc()
+            raise ApiError(
+                504, "timeout", f"The request took longer than {ctx.timeout_s:g} s and was stopped."
+            ) from None
+        finally:
+            if not task.done():
+                ctx.cancel.set()
+                task.cancel()
