@@ -351,8 +351,8 @@ def main() -> None:
     ap.add_argument(
         "--append",
         action="store_true",
-        help="add to the report.json already in --out-dir (same model and settings), replacing rows of the "
-        "same grid/method/seed; keeps its ablation and inference parts unless they are rerun",
+        help="continue the report.json in --out-dir (same model and settings): runs only the grid/method/seed "
+        "rows it lacks (an interrupted run resumes), keeps its ablation and inference parts unless rerun",
     )
     args = ap.parse_args()
     if args.quick:
@@ -375,11 +375,29 @@ def main() -> None:
         "eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows,
     }  # fmt: skip
     t_start, load_start = time.perf_counter(), os.getloadavg()[0]
-    previous = json.loads((args.out_dir / "report.json").read_text()) if args.append else {}
-    rows = [r for r in previous.get("rows", []) if r["method"] == "fp"]
-    if not rows:
-        rows = [_in_child(quality_job, {**base, "method": "fp", "grid": "fp", "bits": 16, "group_size": 0, "seed": 0})]
-        console.print(rows[-1])
+    report_path = args.out_dir / "report.json"
+    previous = json.loads(report_path.read_text()) if args.append and report_path.exists() else {}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+
+    def key(r: dict) -> tuple:
+        return r["grid"], r["method"], r["seed"]
+
+    rows = list(previous.get("rows", []))
+    have = {key(r) for r in rows}
+
+    def run(job: dict) -> dict | None:
+        if key(job) in have:
+            return next(r for r in rows if key(r) == key(job))
+        row = reference_job(job) if job["method"] == "gptq-ref" else _in_child(quality_job, job)
+        if row is not None:
+            rows.append(row)
+            have.add(key(row))
+            # Saved after every job, so an interrupted run loses one job at most (resume with --append).
+            report_path.write_text(json.dumps({**previous, "rows": rows, "partial": True}, indent=1))
+            console.print({k: row.get(k) for k in ("grid", "method", "seed", *[f"ppl_{t}" for t in evals])})
+        return row
+
+    run({**base, "method": "fp", "grid": "fp", "bits": 16, "group_size": 0, "seed": 0})
     for grid in filter(None, args.grids.split(",")):
         bits, group = GRIDS[grid]
         for method in args.methods.split(","):
@@ -387,18 +405,9 @@ def main() -> None:
             grid_seeds = seeds if spread else seeds[:1]
             for seed in grid_seeds:
                 job = {**base, "method": method, "grid": grid, "bits": bits, "group_size": group, "seed": seed}
-                row = reference_job(job) if method == "gptq-ref" else _in_child(quality_job, job)
-                if row is None:
+                if run(job) is None:
                     console.print("[yellow]skipping gptq-ref: run `bash scripts/install_reference.sh` first[/]")
                     break
-                rows.append(row)
-                console.print({k: row.get(k) for k in ("grid", "method", "seed", *[f"ppl_{t}" for t in evals])})
-
-    def key(r: dict) -> tuple:
-        return r["grid"], r["method"], r["seed"]
-
-    new = {key(r) for r in rows}
-    rows += [r for r in previous.get("rows", []) if r["method"] != "fp" and key(r) not in new]
     summary = summarize(rows, evals)
     report: dict = {"rows": rows, "summary": summary, "verdicts": verdicts(summary, evals)}
     for part in ("ablation", "inference"):
@@ -425,9 +434,8 @@ def main() -> None:
         # Timing columns are only comparable on an otherwise idle machine: say how busy it was.
         "load_average_start_end": [load_start, os.getloadavg()[0]],
     }
-    if previous:
+    if previous.get("meta"):
         report["meta"]["appended_to"] = previous["meta"]["command"]
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "report.json").write_text(json.dumps(report, indent=1))
     (args.out_dir / "report.md").write_text(markdown(report))
     plot(report, args.out_dir / "ppl_vs_bits.png")
