@@ -24,9 +24,10 @@ import argparse
 import json
 import multiprocessing as mp
 import platform
-import resource
 import time
 from pathlib import Path
+
+from memory import peak_rss_mb
 
 RESULTS = Path(__file__).parent / "results"
 CACHE = Path.home() / ".cache" / "rpiq" / "bench"
@@ -71,10 +72,6 @@ def read_bandwidth_gbs(device) -> float:
 
     x = torch.ones(128 * 2**20, dtype=torch.float32, device=device)
     return x.numel() * 4 / _time(lambda: x.sum(), device, min_seconds=0.0, min_reps=5) / 1e9
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # --------------------------------------------------------------------------- part 1: layers
@@ -164,7 +161,7 @@ def _layers_job(job: dict) -> list[dict]:
                 "layer_copies": copies,
                 "effective_gbs": weight_bytes / sec / 1e9,
                 "gemv_ms": per_shape,
-                "peak_rss_mb": _peak_rss_mb(),
+                "peak_rss_mb": peak_rss_mb(),
             }
         )
     return rows
@@ -203,15 +200,15 @@ def _model_job(job: dict) -> dict:
 
     device = torch.device(job["device"])
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(job["format"])
-    rss_before = _peak_rss_mb()  # torch + transformers imported, nothing loaded
+    rss_before = peak_rss_mb()  # torch + transformers imported, nothing loaded yet
     t0 = time.perf_counter()
     model, tok, _ = load_for_inference(job["path"], device=job["device"], dtype=dtype)
     row = {**job, "load_seconds": time.perf_counter() - t0}
     row["kernels"] = getattr(model, "int4_kernels", {})
     row["weight_mb"] = model_weight_bytes(model) / 2**20
     row["read_mb_per_token"] = _linear_read_bytes(model) / 2**20
-    # ru_maxrss is a high-water mark: this is the peak *while loading*, above the import baseline.
-    row["load_peak_mb"] = _peak_rss_mb() - rss_before
+    # VmHWM is a high-water mark: this is the peak *while loading*, above the import baseline.
+    row["load_peak_mb"] = peak_rss_mb() - rss_before
     vocab = model.config.get_text_config().vocab_size
     for batch in job["batches"]:
         prefill, decode = _prefill_decode(model, device, batch, job["prompt_tokens"], job["new_tokens"], vocab)
@@ -220,7 +217,7 @@ def _model_job(job: dict) -> dict:
     if job["ppl_windows"]:
         ev = evaluation_windows(tok, load_text("heldout"), 512, max_windows=job["ppl_windows"])
         row["ppl"] = perplexity(model, ev, device=job["device"])
-    row["peak_rss_mb"] = _peak_rss_mb()
+    row["peak_rss_mb"] = peak_rss_mb()
     if device.type == "cuda":
         row["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return row

@@ -1,7 +1,7 @@
 """Whole-model quality, time, memory and size of RTN / GPTQ / RPIQ on the embedded real model.
 
 Same calibration windows and the same evaluation text for every method; each method runs in its
-own child process, so its peak RSS (the OS's `ru_maxrss` of that process) is its own. Prints a
+own child process, so its peak RSS (VmHWM of that process, `benchmarks/memory.py`) is its own. Prints a
 table and saves `benchmarks/results/model_quality.json`.
 
     python benchmarks/model_quality.py                          # 4- and 3-bit, g128, ~30 min on 2 cores
@@ -14,10 +14,11 @@ import argparse
 import json
 import multiprocessing as mp
 import platform
-import resource
 import tempfile
 import time
 from pathlib import Path
+
+from memory import peak_rss_mb
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -57,7 +58,7 @@ def _one(job: dict) -> dict:
         with tempfile.TemporaryDirectory() as d:
             out = save_quantized(model, res.weights, Path(d) / "ckpt", tokenizer=tok, checkpoint_format="gptq_v2")
             row["checkpoint_bytes"] = checkpoint_bytes(out)
-    row["peak_rss_mb_before_eval"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    row["peak_rss_mb_before_eval"] = peak_rss_mb()
     row["ppl"] = perplexity(model, ev)
     return row
 

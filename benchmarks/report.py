@@ -27,13 +27,14 @@ import math
 import multiprocessing as mp
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from memory import peak_rss_mb
 
 ROOT = Path(__file__).resolve().parent.parent
 REF_PYTHON = ROOT / ".venv-ref" / "bin" / "python"
@@ -88,7 +89,7 @@ def quality_job(job: dict) -> dict:
         row["quantize_seconds"] = time.perf_counter() - t0
         row["layer_loss_sum"] = res.total_loss
         row["bits_per_weight"] = bits_per_weight(res.weights)
-    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    row["peak_rss_mb"] = peak_rss_mb()
     for text in job["evals"]:
         ev = evaluation_windows(tok, load_text(text), job["eval_seqlen"], max_windows=job["eval_windows"])
         row[f"ppl_{text}"] = perplexity(model, ev)

@@ -1,0 +1,30 @@
+"""Peak resident memory of the current process, for the benchmarks' child processes.
+
+Not `resource.getrusage(...).ru_maxrss`: Linux keeps that value across fork and exec, so a child
+started by multiprocessing's "spawn" inherits its parent's peak (a benchmark driver holding a
+512 MiB bandwidth probe made every child look 900 MB big). `VmHWM` in /proc/self/status is the
+high-water mark of this process's own address space, which exec starts afresh.
+"""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS in MiB (VmHWM; ru_maxrss where /proc is not available)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> float:
+    """This process's current RSS in MiB (VmRSS)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
