@@ -10,8 +10,11 @@ command -v "$PY" >/dev/null || PY=python3
 "$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11), f"rpiq needs Python 3.11, found {sys.version}"'
 
 # Debian packages the project needs: espeak-ng (the server's speech, via pyttsx3), DejaVu fonts (the
-# server tests render text with exact ground truth), libgl1/libglib2.0-0 (OpenCV, pulled in by rapidocr).
-APT_PACKAGES=(espeak-ng fonts-dejavu-core libgl1 libglib2.0-0)
+# server tests render text with exact ground truth), libgl1/libglib2.0-0 (OpenCV, pulled in by rapidocr),
+# chromium/chromium-driver (tests/ui drive the web page in headless Chromium; no browser download).
+APT_PACKAGES=(espeak-ng fonts-dejavu-core libgl1 libglib2.0-0 chromium chromium-driver)
+# npm (with Debian's nodejs) installs axe-core for the page's accessibility check; kept if node is already there.
+command -v npm >/dev/null || APT_PACKAGES+=(npm)
 if [ ${#APT_PACKAGES[@]} -gt 0 ] && command -v apt-get >/dev/null; then
   missing=()
   for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

@@ -6,5 +6,7 @@ bash scripts/install.sh
 # Third-party GPTQ loaders that our checkpoints are checked against (test-only, see the file).
 .venv/bin/python -c 'import importlib.util as u, sys; sys.exit(u.find_spec("gptqmodel") is None)' 2>/dev/null \
   || .venv/bin/python -m pip install -q --no-deps -r tests/requirements-thirdparty.txt
+# axe-core for the web page's accessibility check (tests/ui; skipped there when node/npm are missing).
+if command -v npm >/dev/null; then npm ci --prefix tests/ui --no-audit --no-fund --silent; fi
 .venv/bin/ruff check .
 exec .venv/bin/python -m pytest -q "$@"

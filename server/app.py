@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import install_handlers
-from .routers import chat, health, models, read, speak, vqa
+from .routers import chat, health, models, read, speak, ui, vqa
 from .runtime import Runtime
 from .settings import ServerSettings
 
@@ -70,6 +70,7 @@ def create_app(settings: ServerSettings | None = None, runtime: Runtime | None =
     install_handlers(app)
     for r in (health.router, models.router, vqa.router, read.router, speak.router, chat.router):
         app.include_router(r)
+    ui.mount(app)  # the accessible web page at / (and /static/), open without an API key
     app.add_middleware(MetricsMiddleware, rt=rt)
     return app
 
