@@ -206,6 +206,11 @@ def summarize(rows: list[dict], evals: list[str]) -> list[dict]:
             if vals:
                 s[key] = statistics.fmean(vals)
         out.append(s)
+    # The reference library stores the same grid (codes + fp16 scale + zero per group) as ours.
+    ours = {s["grid"]: s["bits_per_weight"] for s in out if s["method"] == "gptq" and "bits_per_weight" in s}
+    for s in out:
+        if "bits_per_weight" not in s and s["grid"] in ours:
+            s["bits_per_weight"] = ours[s["grid"]]
     return out
 
 
@@ -229,10 +234,15 @@ def verdicts(summary: list[dict], evals: list[str]) -> list[str]:
                 noise = max(r[f"ppl_{text}_std"], g[f"ppl_{text}_std"])
                 within = abs(r[f"ppl_{text}"] - g[f"ppl_{text}"]) <= 2 * noise
                 ours, theirs = r[f"gap_{text}"], g[f"gap_{text}"]
+                if min(r["runs"], g["runs"]) > 1:
+                    spread = f"seed spread (std) up to {noise:.2f}" + (
+                        " - within 2 std: not a clear difference" if within else ""
+                    )
+                else:
+                    spread = "one seed: spread not measured"
                 lines.append(
                     f"{grid}, {text}: {LABELS[method]} gap to FP {ours:+.2f} vs GPTQ {theirs:+.2f} "
-                    f"({abs(change) * 100:.0f}% {word}); seed spread (std) up to {noise:.2f}"
-                    + (" - within 2 std: not a clear difference" if within and r["runs"] > 1 else "")
+                    f"({abs(change) * 100:.0f}% {word}); {spread}"
                 )
     return lines
 
