@@ -30,6 +30,7 @@ import torch
 SUPPORTED_BITS = (2, 3, 4, 8)
 
 _WORD_BITS = 32
+_UNPACK_CHUNK = 4096  # output columns unpacked at a time
 _WORD_MASK = (1 << _WORD_BITS) - 1
 _INT_DTYPES = frozenset(
     {
@@ -161,7 +162,13 @@ def unpack_qweight(qweight: torch.Tensor, bits: int, in_features: int) -> torch.
         raise ValueError(
             f"qweight has {qweight.shape[0]} rows but in_features={in_features} at bits={bits} needs {expected}"
         )
-    return _unpack_dim0(qweight, bits).t().contiguous().to(torch.uint8)
+    # Column chunks bound the int64 temporaries (16 bytes per code) to a few tens of MB: a whole
+    # 49152 x 576 LM head unpacked at once peaked at ~0.5 GB while loading.
+    out = torch.empty((qweight.shape[1], in_features), dtype=torch.uint8, device=qweight.device)
+    for start in range(0, qweight.shape[1], _UNPACK_CHUNK):
+        chunk = qweight[:, start : start + _UNPACK_CHUNK]
+        out[start : start + chunk.shape[1]] = _unpack_dim0(chunk, bits).t()
+    return out
 
 
 def pack_qzeros(zeros: torch.Tensor, bits: int, *, v1: bool) -> torch.Tensor:

@@ -296,3 +296,13 @@ def test_unpack_rejects_wrong_dtype_and_count() -> None:
         unpack_qweight(torch.zeros((0, 2), dtype=torch.int32), 4, 0)
     with pytest.raises(ValueError, match=r"out_features must be a positive int, got -8"):
         unpack_qzeros(torch.zeros((2, 1), dtype=torch.int32), 4, -8, v1=False)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_unpack_across_column_chunks(bits):
+    """Wide layers (LM heads) are unpacked in column chunks; the chunk seams must be invisible."""
+    from models.packing import _UNPACK_CHUNK
+
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (_UNPACK_CHUNK + 40, 64), generator=g, dtype=torch.uint8)
+    assert torch.equal(unpack_qweight(pack_qweight(codes, bits), bits, 64), codes)
