@@ -70,7 +70,7 @@ def load_for_inference(
     `model` None is the embedded default. `dtype` defaults to bfloat16 for checkpoints (the
     int4 kernels' activation dtype) and float32 for full-precision models.
     """
-    from quantizer.loading import ModelLoadError, is_quantized_checkpoint, load_fp_model, resolve_model
+    from quantizer.loading import DTYPES, ModelLoadError, is_quantized_checkpoint, load_fp_model, resolve_model
 
     from .int4 import load_quantized
 
@@ -82,7 +82,7 @@ def load_for_inference(
         except OSError as e:
             raise ModelLoadError(f"{where}: the checkpoint has no usable tokenizer files ({e})") from e
         return m, tok, where
-    name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype or torch.float32]
+    name = next(k for k, v in DTYPES.items() if v == (dtype or torch.float32))
     m, tok, where = load_fp_model(str(where), name)
     return m.to(device), tok, where
 

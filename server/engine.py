@@ -95,9 +95,8 @@ class Engine:
 
     # --- loading ---------------------------------------------------------------------------------
     def load(self) -> None:
-        from transformers import AutoTokenizer
-
-        from quantizer.loading import DTYPES, is_quantized_checkpoint, load_fp_model, resolve_model
+        from models.inference import load_for_inference
+        from quantizer.loading import DTYPES, is_quantized_checkpoint, resolve_model
 
         if self.threads:
             torch.set_num_threads(self.threads)
@@ -112,17 +111,11 @@ class Engine:
                     "(the Describer seam in server/vision.py is where it plugs in)"
                 )
         t0 = time.perf_counter()
-        if is_quantized_checkpoint(where):
-            from models.int4 import load_quantized  # lazily: pulls in the int4 kernels
-
-            dtype = None if self.dtype == "auto" else DTYPES[self.dtype]
-            self.model = load_quantized(where, device=self.device, kernel=self.kernel, dtype=dtype)
-            self.tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True)
-            self.quantized = True
-        else:
-            dtype = "float32" if self.dtype == "auto" else self.dtype
-            model, tok, where = load_fp_model(str(where), dtype)
-            self.model, self.tokenizer = model.to(self.device), tok
+        # "auto": bfloat16 for int4 checkpoints (the kernels' activation dtype), float32 otherwise.
+        dtype = None if self.dtype == "auto" else DTYPES[self.dtype]
+        model, tok, where = load_for_inference(where, device=self.device, kernel=self.kernel, dtype=dtype)
+        self.model, self.tokenizer = model, tok
+        self.quantized = is_quantized_checkpoint(where)
         self.model.eval()
         self.path = path
         if not self._explicit_name:

@@ -23,12 +23,11 @@ from ..assist import (
 from ..auth import require_api_key
 from ..engine import GenParams
 from ..errors import ApiError
-from ..lanes import QueueFull
 from ..prompts import CANNOT_SEE, NO_TEXT, system_prompt
 from ..runtime import ClientGone, RequestCtx, Runtime
 from ..schemas import ChatRequest, ImagePart, TextPart, usage
 from ..uploads import decode_base64_image, read_body
-from .common import ERRORS, queue_full, runtime, sse
+from .common import ERRORS, runtime, sse, start_generation
 
 router = APIRouter(tags=["openai"], dependencies=[Depends(require_api_key)])
 MAX_IMAGES = 4
@@ -147,21 +146,10 @@ def _chunk(cid: str, created: int, model: str, delta: dict, finish: str | None =
 
 
 def _stream(rt: Runtime, ctx: RequestCtx, plan: ChatPlan, cid: str, created: int, include_usage: bool) -> Response:
-    loop = asyncio.get_running_loop()
     q: asyncio.Queue[tuple[str, str | None]] = asyncio.Queue()
     gen_future = None
     if plan.fixed is None:
-
-        def on_text(text: str) -> None:
-            loop.call_soon_threadsafe(q.put_nowait, ("delta", text))
-
-        try:
-            cfut = rt.model_lane.submit_sync(rt.engine.generate, plan.messages, plan.params, ctx.cancel, ctx.deadline,
-                                             on_text, cancel=ctx.cancel)  # fmt: skip
-        except QueueFull as e:
-            raise queue_full(rt, e) from None
-        gen_future = asyncio.wrap_future(cfut)
-        gen_future.add_done_callback(lambda _f: q.put_nowait(("end", None)))
+        gen_future = start_generation(rt, ctx, plan.messages, plan.params, q)
     model = rt.engine.name
 
     async def events() -> AsyncIterator[str]:

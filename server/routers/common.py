@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 from urllib.parse import quote
@@ -10,9 +11,10 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
+from ..engine import GenParams
 from ..errors import ApiError
 from ..lanes import QueueFull
-from ..runtime import Runtime
+from ..runtime import RequestCtx, Runtime
 
 WAV_TYPES = ("audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave")
 ERRORS = {
@@ -57,6 +59,26 @@ def queue_full(rt: Runtime, e: QueueFull) -> ApiError:
     rt.metrics.rejected.labels(e.lane).inc()
     return ApiError(503, "queue_full", f"The server is busy ({e.lane} queue full); retry in {e.retry_after} s.",
                     {"Retry-After": str(e.retry_after)})  # fmt: skip
+
+
+def start_generation(
+    rt: Runtime, ctx: RequestCtx, messages: list, params: GenParams, q: asyncio.Queue[tuple[str, str | None]]
+) -> asyncio.Future:
+    """Generate on the model lane for a streaming route: text arrives on `q` as ("delta", text) from the
+    model thread, then ("end", None) once generation is over; a full lane is a 503 before anything streams."""
+    loop = asyncio.get_running_loop()
+
+    def on_text(text: str) -> None:  # called on the model thread
+        loop.call_soon_threadsafe(q.put_nowait, ("delta", text))
+
+    try:
+        cfut = rt.model_lane.submit_sync(rt.engine.generate, messages, params, ctx.cancel, ctx.deadline, on_text,
+                                         cancel=ctx.cancel)  # fmt: skip
+    except QueueFull as e:
+        raise queue_full(rt, e) from None
+    future = asyncio.wrap_future(cfut)
+    future.add_done_callback(lambda _f: q.put_nowait(("end", None)))
+    return future
 
 
 def pick_voice(rt: Runtime, voice: str | None, language: str | None) -> str | None:

@@ -23,11 +23,19 @@ from ..assist import (
     record_generation,
 )
 from ..auth import require_api_key
-from ..lanes import QueueFull
 from ..runtime import ClientGone, RequestCtx, Runtime
 from ..schemas import VqaJson, VqaOptions, VqaResponse
 from ..uploads import parse_image_request
-from .common import ERRORS, image_body, pick_voice, queue_full, runtime, sse, wants_wav, wav_response
+from .common import (
+    ERRORS,
+    image_body,
+    pick_voice,
+    runtime,
+    sse,
+    start_generation,
+    wants_wav,
+    wav_response,
+)
 
 router = APIRouter(tags=["assist"], dependencies=[Depends(require_api_key)])
 
@@ -125,21 +133,10 @@ def _stream(
     rt: Runtime, ctx: RequestCtx, plan: Plan, timings: dict, question: str, *, speak: bool, speech_kw: dict
 ) -> Response:
     """SSE: `start`, then `delta` text events, `audio` events (one WAV per sentence, in order), `done`."""
-    loop = asyncio.get_running_loop()
     q: asyncio.Queue[tuple[str, str | None]] = asyncio.Queue()
     gen_future = None
     if plan.messages is not None:
-
-        def on_text(text: str) -> None:  # called on the model thread
-            loop.call_soon_threadsafe(q.put_nowait, ("delta", text))
-
-        try:
-            cfut = rt.model_lane.submit_sync(rt.engine.generate, plan.messages, plan.params, ctx.cancel, ctx.deadline,
-                                             on_text, cancel=ctx.cancel)  # fmt: skip
-        except QueueFull as e:
-            raise queue_full(rt, e) from None
-        gen_future = asyncio.wrap_future(cfut)
-        gen_future.add_done_callback(lambda _f: q.put_nowait(("end", None)))
+        gen_future = start_generation(rt, ctx, plan.messages, plan.params, q)
 
     async def events() -> AsyncIterator[str]:
         pieces: list[str] = []
