@@ -90,15 +90,21 @@ def _group_columns(qw: QuantizedWeight) -> int:
     return qw.group_size if qw.group_size != -1 else _round_up(in_f, KERNEL_GROUP_SIZES[-1])
 
 
+def _kernel_grouping(qw: QuantizedWeight) -> tuple[int, int, torch.Tensor | None]:
+    """(GPTQ group columns, kernel group size, column order) for `qw`; `LayoutError` if inexact."""
+    if qw.bits != 4:
+        raise LayoutError(f"bits={qw.bits} (tinygemm kernels are 4-bit only)")
+    group = _group_columns(qw)
+    kg = kernel_group_size(group)
+    if kg is None:
+        raise LayoutError(f"group_size={qw.group_size} is not a multiple of 32")
+    return group, kg, contiguous_group_order(qw.g_idx, group)
+
+
 def unsupported_reason(qw: QuantizedWeight) -> str | None:
     """Why `qw` cannot use a tinygemm kernel, or None when it can."""
-    if qw.bits != 4:
-        return f"bits={qw.bits} (tinygemm kernels are 4-bit only)"
-    group = _group_columns(qw)
-    if kernel_group_size(group) is None:
-        return f"group_size={qw.group_size} is not a multiple of 32"
     try:
-        contiguous_group_order(qw.g_idx, group)
+        _kernel_grouping(qw)
     except LayoutError as e:
         return str(e)
     return None
@@ -106,14 +112,8 @@ def unsupported_reason(qw: QuantizedWeight) -> str | None:
 
 def tinygemm_layout(qw: QuantizedWeight) -> TinygemmLayout:
     """Rearrange `qw` for tinygemm (see the module docstring); `LayoutError` if it cannot be exact."""
-    reason = unsupported_reason(qw)
-    if reason is not None:
-        raise LayoutError(reason)
+    group, kg, perm = _kernel_grouping(qw)
     out_f, in_f = qw.shape
-    group = _group_columns(qw)
-    kg = kernel_group_size(group)
-    assert kg is not None
-    perm = contiguous_group_order(qw.g_idx, group)
     g_idx = qw.g_idx.long() if perm is None else qw.g_idx.long()[perm]
     codes = qw.codes.to(torch.int32) if perm is None else qw.codes[:, perm].to(torch.int32)
 
