@@ -127,9 +127,7 @@ def _layers_job(job: dict) -> list[dict]:
         return mods
 
     mods = build()
-    weight_bytes = sum(
-        m.weight_bytes() if hasattr(m, "weight_bytes") else m.weight.numel() * m.weight.element_size() for m in mods
-    )
+    weight_bytes = sum(_linear_bytes(m) for m in mods)
     # Decode streams every layer's weights once per token; timing one small layer over and over
     # would time the CPU cache instead. Cycle through copies adding up to >= 1 GiB (or the model's
     # layer count, if smaller) so each step reads from memory as a real model does.
@@ -170,6 +168,13 @@ def _layers_job(job: dict) -> list[dict]:
 # --------------------------------------------------------------------------- part 2: the embedded model
 
 
+def _linear_bytes(m) -> int:
+    """Weight bytes of one dense or int4 linear (packed codes, scales and zeros for int4)."""
+    from models.int4 import QuantLinear
+
+    return m.weight_bytes() if isinstance(m, QuantLinear) else m.weight.numel() * m.weight.element_size()
+
+
 def _linear_read_bytes(model) -> int:
     """Bytes of weights one decode step reads: every (quantized) linear incl. the LM head.
 
@@ -180,13 +185,7 @@ def _linear_read_bytes(model) -> int:
 
     from models.int4 import QuantLinear
 
-    total = 0
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            total += m.weight_bytes()
-        elif isinstance(m, nn.Linear):
-            total += m.weight.numel() * m.weight.element_size()
-    return total
+    return sum(_linear_bytes(m) for m in model.modules() if isinstance(m, QuantLinear | nn.Linear))
 
 
 def _model_job(job: dict) -> dict:

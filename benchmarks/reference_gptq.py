@@ -17,7 +17,7 @@ llm-compressor pins an older transformers than the project, so it lives in its o
         --out benchmarks/results/reference_gptq_w4g128.json
 
 Quantization runs in a child process (like model_quality.py's), so that its peak RSS
-(``ru_maxrss``) is its own; the parent writes one JSON row compatible with model_quality.py's.
+(VmHWM, ``benchmarks/memory.py``) is its own; the parent writes one JSON row compatible with model_quality.py's.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import json
 import math
 import os
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # the rpiq repo is not installed into .venv-ref: import it from the tree
     sys.path.insert(0, str(ROOT))
+
+from memory import peak_rss_mb  # noqa: E402 - benchmarks/ is the script's directory, already on sys.path
 
 METHOD = "gptq-llmcompressor"
 LIBRARY = "llmcompressor"
@@ -225,7 +226,7 @@ def _one(job: dict) -> dict:
     quantize_seconds = time.perf_counter() - t0
     torch.set_num_threads(default_threads)
     handle.remove()
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_rss = peak_rss_mb()
 
     fed = [s for s in seen if s.shape[-1] == job["seqlen"]]
     calib_fed = torch.cat(fed) if fed else torch.empty(0, job["seqlen"], dtype=torch.long)
