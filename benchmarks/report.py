@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from memory import peak_rss_mb
@@ -41,12 +42,21 @@ REF_PYTHON = ROOT / ".venv-ref" / "bin" / "python"
 REF_SCRIPT = ROOT / "benchmarks" / "reference_gptq.py"
 
 GRIDS: dict[str, tuple[int, int]] = {"w4g128": (4, 128), "w3g128": (3, 128), "w4pc": (4, -1)}
-METHODS = ("rtn", "gptq", "gptq-ref", "rpiq", "rpiq-si")
+METHODS = ("rtn", "gptq", "gptq-ref", "gptq-comp", "rpiq", "rpiq-si")
+SPECS: dict[str, tuple[str, str, bool]] = {
+    # report name: (quantizer method, calibration mode, compensate upstream error)
+    "rtn": ("rtn", "sequential", False),
+    "gptq": ("gptq", "sequential", False),
+    "gptq-comp": ("gptq", "sequential", True),
+    "rpiq": ("rpiq", "sequential", True),
+    "rpiq-si": ("rpiq", "single-instance", False),
+}
 LABELS = {
     "fp": "full precision",
     "rtn": "RTN",
     "gptq": "GPTQ (ours)",
     "gptq-ref": "GPTQ (llm-compressor)",
+    "gptq-comp": "GPTQ + compensation",
     "rpiq": "RPIQ, sequential",
     "rpiq-si": "RPIQ, single-instance",
 }
@@ -77,15 +87,17 @@ def quality_job(job: dict) -> dict:
     from quantizer.pipeline import CalibrationConfig, quantize_model
 
     torch.manual_seed(0)
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
     model, tok, _ = load_fp_model(job["model"])
     row = dict(job)
     if job["method"] != "fp":
         calib = calibration_windows(tok, load_text("calib"), job["nsamples"], job["seqlen"], seed=job["seed"])
-        method = "rpiq" if job["method"].startswith("rpiq") else job["method"]
-        mode = "single-instance" if job["method"] == "rpiq-si" else "sequential"
+        method, mode, compensate = SPECS[job["method"]]
         cfg = QuantConfig(method=method, grid=GridConfig(bits=job["bits"], group_size=job["group_size"]))
         t0 = time.perf_counter()
-        res = quantize_model(model, calib, cfg, CalibrationConfig(mode=mode), progress=False)
+        cal = CalibrationConfig(mode=mode, compensate=compensate)
+        res = quantize_model(model, calib, cfg, cal, progress=False)
         row["quantize_seconds"] = time.perf_counter() - t0
         row["layer_loss_sum"] = res.total_loss
         row["bits_per_weight"] = bits_per_weight(res.weights)
@@ -222,7 +234,7 @@ def verdicts(summary: list[dict], evals: list[str]) -> list[str]:
         g = by.get((grid, "gptq"))
         if g is None:
             continue
-        for method in ("rpiq", "rpiq-si"):
+        for method in ("gptq-comp", "rpiq", "rpiq-si"):
             r = by.get((grid, method))
             if r is None:
                 continue
@@ -256,6 +268,8 @@ def markdown(report: dict) -> str:
     load = report["meta"].get("load_average_start_end")
     if load:
         md += [f"Load average at start / end: {load[0]:.1f} / {load[1]:.1f} (timings are comparable only near 0)", ""]
+    if report["meta"].get("parallel_jobs", 1) > 1:
+        md += [f"{report['meta']['parallel_jobs']} quality jobs ran at once: their times are under that load.", ""]
     md += [
         f"Model: {report['meta']['model']}; calibration {report['meta']['nsamples']} x {report['meta']['seqlen']} "
         f"tokens of *Persuasion*, seeds {report['meta']['seeds']}; evaluation {report['meta']['eval_windows']} x "
@@ -355,6 +369,9 @@ def main() -> None:
     ap.add_argument("--evals", default="heldout,code")
     ap.add_argument("--eval-seqlen", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=8)
+    ap.add_argument(
+        "--jobs", type=int, default=1, help="quality jobs run at once (each in its own process); >1 loads the timings"
+    )
     ap.add_argument("--ablation-layer", type=int, default=15)
     ap.add_argument("--no-ablation", action="store_true")
     ap.add_argument("--no-inference", action="store_true")
@@ -396,29 +413,37 @@ def main() -> None:
     rows = list(previous.get("rows", []))
     have = {key(r) for r in rows}
 
-    def run(job: dict) -> dict | None:
-        if key(job) in have:
-            return next(r for r in rows if key(r) == key(job))
-        row = reference_job(job) if job["method"] == "gptq-ref" else _in_child(quality_job, job)
-        if row is not None:
-            rows.append(row)
-            have.add(key(row))
-            # Saved after every job, so an interrupted run loses one job at most (resume with --append).
-            report_path.write_text(json.dumps({**previous, "rows": rows, "partial": True}, indent=1))
-            console.print({k: row.get(k) for k in ("grid", "method", "seed", *[f"ppl_{t}" for t in evals])})
-        return row
+    def record(row: dict | None) -> None:
+        if row is None:
+            console.print("[yellow]skipped gptq-ref: run `bash scripts/install_reference.sh` first[/]")
+            return
+        rows.append(row)
+        have.add(key(row))
+        # Saved after every job, so an interrupted run loses its running jobs at most (resume with --append).
+        report_path.write_text(json.dumps({**previous, "rows": rows, "partial": True}, indent=1))
+        console.print({k: row.get(k) for k in ("grid", "method", "seed", *[f"ppl_{t}" for t in evals])})
 
-    run({**base, "method": "fp", "grid": "fp", "bits": 16, "group_size": 0, "seed": 0})
+    jobs = [{**base, "method": "fp", "grid": "fp", "bits": 16, "group_size": 0, "seed": 0}]
     for grid in filter(None, args.grids.split(",")):
         bits, group = GRIDS[grid]
         for method in args.methods.split(","):
             spread = method != "rtn" and grid in args.seed_grids.split(",")  # RTN ignores calibration
-            grid_seeds = seeds if spread else seeds[:1]
-            for seed in grid_seeds:
-                job = {**base, "method": method, "grid": grid, "bits": bits, "group_size": group, "seed": seed}
-                if run(job) is None:
-                    console.print("[yellow]skipping gptq-ref: run `bash scripts/install_reference.sh` first[/]")
-                    break
+            for seed in seeds if spread else seeds[:1]:
+                jobs.append({**base, "method": method, "grid": grid, "bits": bits, "group_size": group, "seed": seed})
+    jobs = [j for j in jobs if key(j) not in have]
+    if args.jobs > 1:
+        threads = max(1, mp.cpu_count() // args.jobs)
+        # One fresh process per job (peak RSS is per job), N at a time; timings are then under load.
+        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as pool:
+            futures = [
+                pool.submit(reference_job if j["method"] == "gptq-ref" else quality_job, {**j, "threads": threads})
+                for j in jobs
+            ]
+            for fut in as_completed(futures):
+                record(fut.result())
+    else:
+        for j in jobs:
+            record(reference_job(j) if j["method"] == "gptq-ref" else _in_child(quality_job, j))
     summary = summarize(rows, evals)
     report: dict = {"rows": rows, "summary": summary, "verdicts": verdicts(summary, evals)}
     for part in ("ablation", "inference"):
@@ -444,6 +469,7 @@ def main() -> None:
         "wall_seconds": time.perf_counter() - t_start,
         # Timing columns are only comparable on an otherwise idle machine: say how busy it was.
         "load_average_start_end": [load_start, os.getloadavg()[0]],
+        "parallel_jobs": args.jobs,
     }
     if previous.get("meta"):
         report["meta"]["appended_to"] = previous["meta"]["command"]

@@ -187,8 +187,12 @@ class GroupInputCatcher:
             raise RuntimeError(f"linears {sorted(missing)} were not called by the layer's forward")
         return self.inputs
 
-    def accumulate(self, inputs: dict[str, torch.Tensor]) -> None:
-        """Fold one batch's inputs into the (shared where possible) Hessians."""
+    def accumulate(self, inputs: dict[str, torch.Tensor], paired: dict[str, torch.Tensor] | None = None) -> None:
+        """Fold one batch's inputs into the (shared where possible) Hessians.
+
+        With `paired` (the same members' inputs from a second stream, same tokens) the
+        accumulators hold the cross terms `2/N X^T Y` instead (`HessianAccumulator.add`).
+        """
         seen: dict[int, str] = {}
         for name, x in inputs.items():
             owner = seen.setdefault(id(x), name)
@@ -198,7 +202,7 @@ class GroupInputCatcher:
             if owner == name:
                 if name not in self.hessians:
                     self.hessians[name] = HessianAccumulator(x.shape[-1], dtype=self._dtype, device=x.device)
-                self.hessians[name].add(x)
+                self.hessians[name].add(x, None if paired is None else paired[name])
 
     def hessian(self, name: str) -> torch.Tensor:
         return self.hessians[self.share[name]].H

@@ -24,11 +24,18 @@ class HessianAccumulator:
         self.nsamples = 0
 
     @torch.no_grad()
-    def add(self, x: torch.Tensor) -> None:
-        """Fold in a batch of inputs `x` [..., in_features] (one row per token)."""
+    def add(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        """Fold in a batch of inputs `x` [..., in_features] (one row per token).
+
+        With `y` (the same tokens' inputs from another stream, same shape) the running mean is
+        the cross term `2/N X^T Y` instead: upstream compensation pairs the full-precision
+        model's inputs `X` with the partly quantized model's `Y` (see `quantizer.layer`).
+        """
         x = x.reshape(-1, x.shape[-1])
         if x.shape[-1] != self.H.shape[0]:
             raise ValueError(f"input has {x.shape[-1]} features, Hessian expects {self.H.shape[0]}")
+        if y is not None and y.numel() != x.numel():
+            raise ValueError(f"paired inputs differ in shape: {tuple(x.shape)} and {tuple(y.shape)}")
         m = x.shape[0]
         if m == 0:
             return
@@ -36,7 +43,11 @@ class HessianAccumulator:
         total = self.nsamples + m
         self.H.mul_(self.nsamples / total)
         x = x * (2.0 / total) ** 0.5
-        self.H.addmm_(x.t(), x)
+        if y is None:
+            self.H.addmm_(x.t(), x)
+        else:
+            y = y.reshape(-1, x.shape[-1]).to(device=self.H.device, dtype=self.H.dtype)
+            self.H.addmm_(x.t(), y * (2.0 / total) ** 0.5)
         self.nsamples = total
 
 

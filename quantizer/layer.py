@@ -72,22 +72,51 @@ def quantize_weight(
     config: QuantConfig | None = None,
     *,
     instance: Instance | None = None,
+    cross: torch.Tensor | None = None,
     name: str = "",
 ) -> tuple[QuantizedWeight, LayerReport]:
     """Quantize `W` [out, in] given its calibration Hessian `H = 2/N X^T X` [in, in].
 
     Returns the codes/grid in GPTQ's logical layout and a report of the layer loss after RTN,
     after stage 1 and after every stage-2 round. With `instance`, stage 2 uses the
-    single-instance residual instead of `E @ H`.
+    single-instance residual instead of `E @ H`. With `cross` (`2/N X_fp^T X`, see
+    `compensation_target`), both stages fit the full-precision model's outputs instead of `W`'s
+    own outputs on the degraded inputs; the reported losses are then measured against that target.
     """
     cfg = config or QuantConfig()
     validate_inputs(W, H)
+    if cross is not None and cross.shape != H.shape:
+        raise ValueError(f"cross term shape {tuple(cross.shape)} does not match the Hessian's {tuple(H.shape)}")
     with _cpu_threads(W.device):
-        return _quantize_weight(W, H, cfg, instance, name)
+        return _quantize_weight(W, H, cfg, instance, cross, name)
+
+
+def compensation_target(W: torch.Tensor, cross: torch.Tensor, H: torch.Tensor, damp: float) -> torch.Tensor:
+    """The weight whose outputs on this layer's real inputs best match the full-precision model.
+
+    With `X` the full-precision model's inputs to this linear and `Xq` the partly quantized
+    model's (already degraded) inputs for the same tokens, `H = 2/N Xq^T Xq`, `cross = 2/N X^T Xq`:
+
+        ||X W^T - Xq Wq^T||^2 = ||Xq (W* - Wq)^T||^2 + const,   W* = W cross H^-1
+
+    (the least-squares residual is orthogonal to every `Xq Wq^T`), so fitting the full-precision
+    outputs is ordinary GPTQ/RPIQ on the target `W*` with the usual Hessian. This is how a layer
+    compensates what the layers before it got wrong. `H` here is the damped Hessian `H + damp I`,
+    and the same ridge pulls the target towards `W`: `W* = (W cross + damp W)(H + damp I)^-1`,
+    which is `W` exactly when the inputs were not degraded.
+    """
+    rhs = (W @ cross + damp * W).t()  # [in, out]
+    L = torch.linalg.cholesky(H)
+    return torch.cholesky_solve(rhs, L).t().contiguous()
 
 
 def _quantize_weight(
-    W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, instance: Instance | None, name: str
+    W: torch.Tensor,
+    H: torch.Tensor,
+    cfg: QuantConfig,
+    instance: Instance | None,
+    cross: torch.Tensor | None,
+    name: str,
 ) -> tuple[QuantizedWeight, LayerReport]:
     grid = cfg.grid
     device = W.device
@@ -96,6 +125,9 @@ def _quantize_weight(
     H0 = H.detach().float().to(device)
     prep = prepare_hessian(H0, cfg.gptq.percdamp)
     W[:, prep.dead] = 0.0
+    if cross is not None:
+        W = compensation_target(W, cross.detach().float().to(device), prep.H, prep.damp)
+        W[:, prep.dead] = 0.0
     natural_groups = column_groups(n, grid.group_size).to(device)
     report = LayerReport(name=name, shape=(out, n), method=cfg.method)
 

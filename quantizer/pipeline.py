@@ -18,6 +18,7 @@ calibrated on what the quantized encoder produces.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -62,6 +63,22 @@ class CalibrationConfig(BaseModel):
         description="single-instance: calibration windows kept as the resident batch that drives stage 2 "
         "(measured on the embedded model: 1 window overfits, 4 help; README)",
     )
+    compensate: bool = Field(
+        False,
+        description="sequential: fit every linear to the full-precision model's outputs (full-precision "
+        "inputs, full-precision weights) instead of its own weights on the already-degraded inputs, so each "
+        "layer compensates what the layers before it got wrong (`quantizer.layer.compensation_target`). "
+        "Costs a second resident stream of hidden states and one extra partial forward per group",
+    )
+
+    @model_validator(mode="after")
+    def _compensate_is_sequential(self) -> CalibrationConfig:
+        if self.compensate and self.mode != "sequential":
+            raise ValueError(
+                "compensate applies to sequential calibration; single-instance already fits the "
+                "full-precision outputs through its kept batch"
+            )
+        return self
 
 
 @dataclass
@@ -311,12 +328,16 @@ def _quantize_group(
     cfg: QuantConfig,
     instances: dict[str, Instance] | None,
     adapter: ModelAdapter,
+    cross: GroupInputCatcher | None = None,
 ) -> tuple[dict[str, QuantizedWeight], list[LayerReport]]:
     _check_tokens(adapter, prefix, catcher)
     weights, reports = {}, []
     for name, module in catcher.modules.items():
         inst = instances.get(name) if instances else None
-        qw, rep = quantize_weight(module.weight, catcher.hessian(name), cfg, instance=inst, name=f"{prefix}.{name}")
+        c = cross.hessian(name) if cross is not None else None
+        qw, rep = quantize_weight(
+            module.weight, catcher.hessian(name), cfg, instance=inst, cross=c, name=f"{prefix}.{name}"
+        )
         _set_weight(module, qw)
         weights[f"{prefix}.{name}"] = qw
         reports.append(rep)
@@ -327,9 +348,12 @@ def _sequential(model, adapter, calib, cfg, cal, device, done, finish_layer, pro
     layers = adapter.layers(model)
     _preamble_to(model, layers, device)
     inputs: LayerInputs = capture_first_layer_inputs(model, layers, _batches(calib), device)
+    # With `compensate`, the full-precision model's hidden states travel alongside.
+    fp_hidden = list(inputs.hidden) if cal.compensate else None
     for index, layer in enumerate(layers):
         layer.to(device)
         prefix = _layer_prefix(adapter, index)
+        fp_layer = copy.deepcopy(layer) if fp_hidden is not None else None
         if index in done:
             _apply_done(layer, prefix, done[index][0])
         else:
@@ -337,17 +361,29 @@ def _sequential(model, adapter, calib, cfg, cal, device, done, finish_layer, pro
             layer_reports: list[LayerReport] = []
             for group in adapter.linear_groups:
                 catcher = GroupInputCatcher({n: layer.get_submodule(n) for n in group})
+                # `cross` pairs the full-precision layer's inputs with `catcher`'s: 2/N X^T Xq.
+                cross = None
+                if fp_layer is not None:
+                    cross = GroupInputCatcher({n: fp_layer.get_submodule(n) for n in group})
                 try:
                     for b, hidden in enumerate(inputs.hidden):
                         args, kwargs = inputs.call(b)
-                        catcher.accumulate(catcher.run(layer, hidden, kwargs, args))
+                        xq = catcher.run(layer, hidden, kwargs, args)
+                        catcher.accumulate(xq)
+                        if cross is not None:
+                            cross.accumulate(cross.run(fp_layer, fp_hidden[b], kwargs, args), paired=xq)
                 finally:
                     catcher.remove()
-                w, r = _quantize_group(layer, prefix, catcher, cfg, None, adapter)
+                    if cross is not None:
+                        cross.remove()
+                w, r = _quantize_group(layer, prefix, catcher, cfg, None, adapter, cross)
                 layer_weights.update(w)
                 layer_reports.extend(r)
             finish_layer(index, layer_weights, layer_reports)
+        if fp_hidden is not None:
+            fp_hidden = [run_layer(fp_layer, h, *reversed(inputs.call(b))) for b, h in enumerate(fp_hidden)]
         inputs.hidden = [run_layer(layer, h, *reversed(inputs.call(b))) for b, h in enumerate(inputs.hidden)]
+        del fp_layer
         if device.type != "cpu":
             layer.to("cpu")
 

@@ -11,7 +11,8 @@ from models.packing import pack_qweight, pack_qzeros, unpack_qweight, unpack_qze
 from quantizer.config import GPTQConfig, GridConfig, QuantConfig, RefineConfig
 from quantizer.grid import fake_quantize, fit_params
 from quantizer.hessian import HessianAccumulator
-from quantizer.layer import Instance, layer_loss, quantize_weight
+from quantizer.hessian import prepare_hessian
+from quantizer.layer import Instance, compensation_target, layer_loss, quantize_weight
 from tests.layers import realistic_layer
 
 SHAPES = [(192, 256), (768, 768), (256, 320)]  # (out, in); 320 = 2.5 groups of 128
@@ -196,6 +197,58 @@ def test_single_instance_compensates_upstream_error():
     err_gptq = torch.sum((Y - Xq @ qg.dequantize().t()) ** 2)
     err_inst = torch.sum((Y - Xq @ qi.dequantize().t()) ** 2)
     assert err_inst < err_gptq
+
+
+def _degraded(layer, seed: int = 0, noise: float = 0.05) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return layer.X + noise * layer.X.std() * torch.randn(layer.X.shape, generator=g)
+
+
+def test_compensation_target_is_the_weight_itself_when_the_inputs_are_not_degraded():
+    layer = realistic_layer(48, 96, tokens=1024, seed=13)
+    prep = prepare_hessian(layer.H, 0.01)
+    target = compensation_target(layer.W, layer.H, prep.H, prep.damp)
+    assert float((target - layer.W).norm() / layer.W.norm()) < 1e-4  # float32 solve
+
+
+def test_compensation_target_turns_the_full_precision_output_error_into_a_layer_loss():
+    """`||X W^T - Xq Wq^T||^2 = ||Xq (W* - Wq)^T||^2 + const` (undamped): for any two weights the
+    difference of the real output errors equals the difference of the layer losses around `W*`."""
+    layer = realistic_layer(32, 64, tokens=2048, seed=14)
+    Xq = _degraded(layer).double()
+    X, W = layer.X.double(), layer.W.double()
+    n = X.shape[0]
+    H, cross = 2.0 / n * Xq.t() @ Xq, 2.0 / n * X.t() @ Xq
+    target = compensation_target(W, cross, H, 0.0)
+    g = torch.Generator().manual_seed(1)
+    A, B = (W + 0.01 * torch.randn(W.shape, generator=g, dtype=torch.float64) for _ in range(2))
+
+    def real(Wq):
+        return 2.0 / n * float(torch.sum((X @ W.t() - Xq @ Wq.t()) ** 2))
+
+    assert real(A) - real(B) == pytest.approx(layer_loss(target, A, H) - layer_loss(target, B, H), rel=1e-6)
+
+
+def test_compensated_gptq_matches_the_full_precision_output_better():
+    layer = realistic_layer(64, 128, tokens=2048, seed=15)
+    Xq = _degraded(layer, noise=0.1)
+    H, cross = 2.0 / Xq.shape[0] * Xq.t() @ Xq, 2.0 / Xq.shape[0] * layer.X.t() @ Xq
+    Y = layer.X @ layer.W.t()
+    errs = {}
+    for method in ("gptq", "rpiq"):
+        cfg = _cfg(method, 3, 64, block_size=32)  # stage 2 needs several blocks to move anything
+        plain, _ = quantize_weight(layer.W, H, cfg)
+        comp, rep = quantize_weight(layer.W, H, cfg, cross=cross)
+        errs[method] = [float(torch.sum((Y - Xq @ q.dequantize().t()) ** 2)) for q in (plain, comp)]
+        assert rep.loss_final <= rep.loss_gptq * (1 + 1e-6)
+    for method, (plain, comp) in errs.items():
+        assert comp < 0.9 * plain, method
+    assert errs["rpiq"][1] < errs["gptq"][1]
+
+
+def test_compensation_cross_term_must_match_the_hessian():
+    with pytest.raises(ValueError, match="cross term shape"):
+        quantize_weight(torch.ones(3, 4), torch.eye(4), cross=torch.eye(5))
 
 
 def test_dead_inputs_are_zeroed_not_nan():
