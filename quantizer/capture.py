@@ -49,20 +49,29 @@ def forward_batch(model: nn.Module, batch: Batch, device: torch.device) -> Any:
     return model(**{k: _to(v, device) for k, v in batch.items()}, use_cache=False)
 
 
+Call = tuple[tuple[Any, ...], dict[str, Any]]
+"""(positional args after the hidden states, keyword args) of one decoder-layer call."""
+
+
 @dataclass
 class LayerInputs:
-    """The hidden states entering a decoder layer, one tensor per calibration batch, and the
-    arguments the model passes to every layer: `args`/`kwargs` shared by all batches, or one
-    `(args, kwargs)` per batch in `per_batch` when they differ (multimodal batches)."""
+    """The hidden states entering the first decoder layer, one tensor per calibration batch, and
+    the arguments the model passes to every layer.
+
+    Layers need not all get the same arguments: Gemma 2/3 give sliding-window layers a local
+    rotary embedding and mask and full-attention layers global ones; Qwen2.5-VL's vision blocks
+    alternate windowed and full `cu_seqlens`. So the arguments are kept per layer: `layers[i]`
+    for text batches (equal shapes give equal arguments), `per_batch[b][i]` when they differ
+    between batches (multimodal batches: positions and masks depend on where the image sits).
+    """
 
     hidden: list[torch.Tensor]
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    args: tuple[Any, ...] = ()
-    per_batch: list[tuple[tuple[Any, ...], dict[str, Any]]] | None = None
+    layers: list[Call] = field(default_factory=list)
+    per_batch: list[list[Call]] | None = None
 
-    def call(self, index: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """(positional args after the hidden states, keyword args) for batch `index`."""
-        return self.per_batch[index] if self.per_batch is not None else (self.args, self.kwargs)
+    def call(self, index: int, layer: int = 0) -> Call:
+        """(positional args after the hidden states, keyword args) of `layer` for batch `index`."""
+        return self.per_batch[index][layer] if self.per_batch is not None else self.layers[layer]
 
 
 def _clean(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -78,8 +87,8 @@ def _install_output_hooks(model: nn.Module) -> None:
     """Let transformers install its output-recording hooks while every layer is the real one.
 
     transformers 5 records hidden states (LLaVA reads the vision tower's penultimate one) with
-    hooks installed on the first forward. Were that forward the one with a layer swapped for the
-    catcher below, the real layer would never get its hook and later forwards would lose outputs.
+    hooks installed on the first forward. Were that forward the one with layers swapped for the
+    recorders below, the real layers would never get their hooks and later forwards would lose outputs.
     """
     try:
         from transformers import PreTrainedModel
@@ -91,41 +100,60 @@ def _install_output_hooks(model: nn.Module) -> None:
             maybe_install_capturing_hooks(module)
 
 
+class _CallRecorder(nn.Module):
+    """Stands in for decoder layer `index`: records its call and passes the hidden states on.
+
+    Nothing is computed: the arguments a model passes to its layers (masks, rotary embeddings,
+    positions) are built before the layer loop, from the input alone. The last recorder stops
+    the forward.
+    """
+
+    def __init__(self, real: nn.Module, index: int, last: bool, sink: list[tuple[torch.Tensor, Call]]):
+        super().__init__()
+        # Some models read attributes of their layers (e.g. `attention_type`) while building masks.
+        self.__dict__.update({k: v for k, v in real.__dict__.items() if not k.startswith("_")})
+        self._index, self._last, self._sink = index, last, sink
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._sink.append((hidden_states, (args, kwargs)))
+        if self._last:
+            raise StopForward
+        return hidden_states
+
+
 @torch.no_grad()
 def capture_first_layer_inputs(
     model: nn.Module, layers: nn.ModuleList, batches: Iterable[Batch], device: torch.device
 ) -> LayerInputs:
-    """Run the model's preamble on each batch and record layer 0's inputs."""
+    """Run the model's preamble on each batch; record layer 0's inputs and every layer's arguments."""
     captured = LayerInputs(hidden=[])
-    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+    per_batch: list[list[Call]] = []
     multimodal = False
     _install_output_hooks(model)
-    first = layers[0]
-
-    class Catcher(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            # Some models read attributes of their layers (e.g. `attention_type`) while building masks.
-            self.__dict__.update({k: v for k, v in first.__dict__.items() if not k.startswith("_")})
-
-        def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> None:
-            captured.hidden.append(hidden_states)
-            calls.append((args, kwargs))
-            raise StopForward
-
-    layers[0] = Catcher()
+    real = list(layers)
+    sink: list[tuple[torch.Tensor, Call]] = []
+    for i, layer in enumerate(real):
+        layers[i] = _CallRecorder(layer, i, i == len(real) - 1, sink)
     try:
         for batch in batches:
             multimodal = multimodal or not isinstance(batch, torch.Tensor)
+            sink.clear()
             with contextlib.suppress(StopForward):
                 forward_batch(model, batch, device)
+            if len(sink) != len(real):
+                raise RuntimeError(
+                    f"the model called {len(sink)} of its {len(real)} decoder layers on a calibration batch"
+                )
+            captured.hidden.append(sink[0][0])
+            per_batch.append([(args, _clean(kw)) for _, (args, kw) in sink])
     finally:
-        layers[0] = first
-    if not calls:
+        for i, layer in enumerate(real):
+            layers[i] = layer
+    if not per_batch:
         return captured
     if multimodal:
-        captured.per_batch = [(args, _clean(kw)) for args, kw in calls]
-    captured.args, captured.kwargs = calls[0][0], _clean(calls[0][1])
+        captured.per_batch = per_batch
+    captured.layers = per_batch[0]
     return captured
 
 

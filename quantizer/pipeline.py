@@ -63,12 +63,13 @@ class CalibrationConfig(BaseModel):
         description="single-instance: calibration windows kept as the resident batch that drives stage 2 "
         "(measured on the embedded model: 1 window overfits, 4 help; README)",
     )
-    compensate: bool = Field(
-        False,
+    compensate: bool | None = Field(
+        None,
         description="sequential: fit every linear to the full-precision model's outputs (full-precision "
         "inputs, full-precision weights) instead of its own weights on the already-degraded inputs, so each "
         "layer compensates what the layers before it got wrong (`quantizer.layer.compensation_target`). "
-        "Costs a second resident stream of hidden states and one extra partial forward per group",
+        "Costs a second resident stream of hidden states and one extra partial forward per group. "
+        "None = on for RPIQ (its closed loop across layers), off for GPTQ (GPTQ-classic)",
     )
 
     @model_validator(mode="after")
@@ -79,6 +80,12 @@ class CalibrationConfig(BaseModel):
                 "full-precision outputs through its kept batch"
             )
         return self
+
+    def for_method(self, method: str) -> CalibrationConfig:
+        """This config with `compensate` decided: the default is on for sequential RPIQ only."""
+        if self.compensate is not None:
+            return self
+        return self.model_copy(update={"compensate": method == "rpiq" and self.mode == "sequential"})
 
 
 @dataclass
@@ -169,6 +176,7 @@ def quantize_model(
     """
     cfg = config or QuantConfig()
     cal = calibration or CalibrationConfig()
+    cal = cal.for_method(cfg.method)
     _check_calibration(calib)
     device = torch.device(device)
     adapter = get_adapter(model)
@@ -367,7 +375,7 @@ def _sequential(model, adapter, calib, cfg, cal, device, done, finish_layer, pro
                     cross = GroupInputCatcher({n: fp_layer.get_submodule(n) for n in group})
                 try:
                     for b, hidden in enumerate(inputs.hidden):
-                        args, kwargs = inputs.call(b)
+                        args, kwargs = inputs.call(b, index)
                         xq = catcher.run(layer, hidden, kwargs, args)
                         catcher.accumulate(xq)
                         if cross is not None:
@@ -381,8 +389,8 @@ def _sequential(model, adapter, calib, cfg, cal, device, done, finish_layer, pro
                 layer_reports.extend(r)
             finish_layer(index, layer_weights, layer_reports)
         if fp_hidden is not None:
-            fp_hidden = [run_layer(fp_layer, h, *reversed(inputs.call(b))) for b, h in enumerate(fp_hidden)]
-        inputs.hidden = [run_layer(layer, h, *reversed(inputs.call(b))) for b, h in enumerate(inputs.hidden)]
+            fp_hidden = [run_layer(fp_layer, h, *reversed(inputs.call(b, index))) for b, h in enumerate(fp_hidden)]
+        inputs.hidden = [run_layer(layer, h, *reversed(inputs.call(b, index))) for b, h in enumerate(inputs.hidden)]
         del fp_layer
         if device.type != "cpu":
             layer.to("cpu")
@@ -439,8 +447,8 @@ def _single_instance(model, adapter, calib, cfg, cal, device, done, finish_layer
     fp_in = capture_first_layer_inputs(model, layers, _kept(calib, cal.instance_windows), device)
     fp_hidden = fp_in.hidden
     q_hidden = [h.clone() for h in fp_hidden]
-    calls = [fp_in.call(b) for b in range(len(fp_hidden))]
     for index, layer in enumerate(layers):
+        calls = [fp_in.call(b, index) for b in range(len(fp_hidden))]
         prefix = _layer_prefix(adapter, index)
         # Full-precision inputs of every linear, and the layer's full-precision output.
         all_linears = {n: layer.get_submodule(n) for n in adapter.linear_names()}

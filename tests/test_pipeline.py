@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from models.adapters import LLAMA_LIKE_GROUPS, UnsupportedModelError, discover_adapter, get_adapter
+from quantizer.capture import capture_first_layer_inputs, run_layer
 from quantizer.config import GPTQConfig, GridConfig, QuantConfig, RefineConfig
 from quantizer.pipeline import CalibrationConfig, quantize_model
 from tests.tiny_models import CONFIGS, VOCAB, tiny_model
@@ -40,6 +41,33 @@ def test_adapter_groups_match_the_traced_forward(arch):
     assert discovered is not None
     assert discovered.layers_path == adapter.layers_path
     assert discovered.linear_groups == adapter.linear_groups
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_captured_layer_arguments_replay_the_models_own_forward(arch):
+    """Layer by layer from the captured inputs, with each layer's own arguments (Gemma's sliding
+    layers get other masks and rotary embeddings than its full-attention ones), the calibration
+    runner computes exactly the hidden states of the model's own forward."""
+    model = tiny_model(arch)
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    ids = _calib(2, 32)
+    seen: list[torch.Tensor] = []
+    hooks = [layer.register_forward_hook(lambda m, a, out: seen.append(out)) for layer in layers]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids[:1], use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    inputs = capture_first_layer_inputs(model, layers, list(ids.split(1)), torch.device("cpu"))
+    hidden = inputs.hidden[0]
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            args, kwargs = inputs.call(0, i)
+            hidden = run_layer(layer, hidden, kwargs, args)
+            expected = seen[i][0] if isinstance(seen[i], tuple) else seen[i]
+            assert torch.allclose(hidden, expected, atol=1e-5), f"layer {i}"
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -6,6 +6,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     CLIPVisionConfig,
+    Gemma3TextConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -28,6 +29,17 @@ CONFIGS = {
     "mistral": lambda: _decoder(MistralConfig),
     "qwen2": lambda: _decoder(Qwen2Config),
     "qwen3": lambda: _decoder(Qwen3Config, head_dim=16),
+    # Sliding-window and full-attention layers get different masks and rotary embeddings.
+    "gemma3": lambda: _decoder(
+        Gemma3TextConfig,
+        head_dim=16,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+        },
+    ),
     "opt": lambda: OPTConfig(
         vocab_size=VOCAB,
         hidden_size=64,
