@@ -12,11 +12,14 @@ import resource
 from pathlib import Path
 
 
-def peak_rss_mb() -> float:
-    """This process's peak RSS in MiB (VmHWM; ru_maxrss where /proc is not available)."""
-    status = Path("/proc/self/status")
+def peak_rss_mb(pid: int | None = None) -> float:
+    """Peak RSS in MiB (VmHWM) of this process, or of process `pid` (a server the benchmark started);
+    ru_maxrss for this process where /proc is not available."""
+    status = Path(f"/proc/{pid or 'self'}/status")
     if status.exists():
         for line in status.read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
+    if pid is not None:
+        raise OSError(f"no /proc/{pid}/status: cannot read another process's peak memory here")
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -33,9 +33,13 @@ def model_class(config: PretrainedConfig) -> Any:
     return AutoModelForCausalLM
 
 
-def from_config(config: PretrainedConfig, **kwargs: Any) -> Any:
-    """Build `config`'s model (random or empty weights, per the caller's context managers)."""
+def from_config(config: PretrainedConfig, *, trust_remote_code: bool = False, **kwargs: Any) -> Any:
+    """Build `config`'s model (random or empty weights, per the caller's context managers).
+
+    `trust_remote_code` lets a config whose ``auto_map`` names the checkpoint's own modeling code
+    (CogVLM2) build that class; transformers refuses it otherwise.
+    """
     cls = model_class(config)
     if cls in (AutoModelForCausalLM, AutoModelForImageTextToText):
-        return cls.from_config(config, **kwargs)
+        return cls.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
     return cls._from_config(config, **kwargs)

@@ -117,6 +117,7 @@ def save_quantized(
     rpiq_meta: dict[str, Any] | None = None,
     max_shard_bytes: int = 2**31,
     quant_config: QuantConfig | None = None,
+    source_dir: str | Path | None = None,
 ) -> Path:
     """Write `model` with the linears named in `quantized` replaced by packed GPTQ tensors.
 
@@ -124,6 +125,11 @@ def save_quantized(
     Non-quantized floating tensors are cast to `dtype`. `quant_config`, when given, supplies
     the metadata GPTQ tools record (damp_percent, static_groups) and must agree with the
     weights' grid. Returns the checkpoint directory.
+
+    `source_dir` (default: the directory the model was loaded from, ``model.name_or_path``) supplies
+    what the checkpoint needs to run standalone beyond weights and tokenizer: the processor files
+    of a vision-language model (image preprocessing, chat template), which a text-calibrated run
+    never loads, and, when the config has an ``auto_map``, the remote modeling code (``*.py``).
     """
     out_dir = Path(out_dir)
     _check_save_args(checkpoint_format, dtype, max_shard_bytes, out_dir)
@@ -136,9 +142,39 @@ def save_quantized(
     tensors = _checkpoint_tensors(model, quantized, checkpoint_format, dtype)
     quant = _quantization_config(quantized, checkpoint_format, bits, group_size, sym, quant_config, rpiq_meta)
     config = _model_config_dict(model, quant, dtype)
-    return _write_atomically(
-        out_dir, lambda tmp: _write_checkpoint(tmp, model, tensors, config, quant, tokenizer, max_shard_bytes)
-    )
+    source = _source_dir(model, source_dir)
+
+    def write(tmp: Path) -> None:
+        _write_checkpoint(tmp, model, tensors, config, quant, tokenizer, max_shard_bytes)
+        if source is not None:
+            _copy_model_files(source, tmp, remote_code="auto_map" in config)
+
+    return _write_atomically(out_dir, write)
+
+
+def _source_dir(model: nn.Module, given: str | Path | None) -> Path | None:
+    where = given if given is not None else getattr(model, "name_or_path", None)
+    if not where or not Path(where).is_dir():
+        return None
+    return Path(where)
+
+
+def _copy_model_files(source: Path, tmp: Path, *, remote_code: bool) -> None:
+    """Processor files the save did not write itself, and the remote code an ``auto_map`` points to.
+
+    Files already written (by the processor's or tokenizer's own save) win: they describe what the
+    checkpoint was quantized with. Remote code is copied whole (every top-level ``.py``), because
+    modeling files import their siblings (configuration, visual tower, utilities).
+    """
+    from .vlm import PROCESSOR_FILES
+
+    names = list(PROCESSOR_FILES)
+    if remote_code:
+        names += sorted(f.name for f in source.glob("*.py"))
+    for name in names:
+        src = source / name
+        if src.is_file() and not (tmp / name).exists():
+            shutil.copy2(src, tmp / name)
 
 
 def _check_save_args(fmt: str, dtype: torch.dtype, max_shard_bytes: int, out_dir: Path) -> None:

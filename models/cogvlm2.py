@@ -22,7 +22,12 @@ module *names* (they become the checkpoint's tensor keys), on which tokens reach
 Registered with transformers' Auto classes under ``model_type="cogvlm2"`` so that tiny
 instances built from a config round-trip through ``save_quantized``/``load_quantized``, and so
 that ``rpiq plan cogvlm2`` counts parameters on the real 19 B shapes (on the meta device).
-Real checkpoints are run with their own remote code; no KV cache is implemented here.
+
+It also generates (``GenerationMixin`` with a transformers ``DynamicCache``), as the remote code does:
+the prompt's image is encoded on the first step only, later steps feed one text token whose type is
+language and whose position continues `build_position_ids` over the whole sequence. The server runs
+the stand-in end to end through exactly the path a real checkpoint takes. The file is self-contained
+(torch and transformers only) so tests can also ship it as a checkpoint's remote code.
 """
 
 from __future__ import annotations
@@ -33,8 +38,16 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    DynamicCache,
+    GenerationMixin,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 LANGUAGE_TOKEN_TYPE = 0
@@ -168,14 +181,20 @@ class VisionExpertMLP(nn.Module):
         return out
 
 
+def rope_inv_freq(head_dim: int) -> torch.Tensor:
+    """Llama-3's rotary frequencies (base 500000), as the remote code computes them."""
+    return 1.0 / (500000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
 
 class VisionExpertAttention(nn.Module):
-    def __init__(self, config: CogVLM2Config) -> None:
+    def __init__(self, config: CogVLM2Config, layer_idx: int = 0) -> None:
         super().__init__()
+        self.layer_idx = layer_idx
         self.hidden_size = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
@@ -185,8 +204,7 @@ class VisionExpertAttention(nn.Module):
         self.vision_expert_dense = nn.Linear(self.hidden_size, self.hidden_size, bias=False)
         self.language_expert_query_key_value = nn.Linear(self.hidden_size, self.qkv_size, bias=False)
         self.language_expert_dense = nn.Linear(self.hidden_size, self.hidden_size, bias=False)
-        inv_freq = 1.0 / (500000.0 ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(self.head_dim), persistent=False)
 
     def _rope(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)  # B, L, HD/2
@@ -194,7 +212,11 @@ class VisionExpertAttention(nn.Module):
         return (x.float() * emb.cos() + _rotate_half(x.float()) * emb.sin()).to(x.dtype)
 
     def forward(
-        self, hidden_states: torch.Tensor, token_type_ids: torch.Tensor, position_ids: torch.Tensor
+        self,
+        hidden_states: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Cache | None = None,
     ) -> torch.Tensor:
         b, n, _ = hidden_states.shape
         vision, language = get_expert_mask(token_type_ids)
@@ -207,9 +229,16 @@ class VisionExpertAttention(nn.Module):
         k = k.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = self._rope(q, position_ids), self._rope(k, position_ids)
+        if cache is not None:  # keys and values of the earlier positions, then these
+            k, v = cache.update(k, v, self.layer_idx)
         rep = self.num_heads // self.num_kv_heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        context = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        past = k.shape[2] - n
+        if past == 0:
+            context = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # new query i sees every cached key and the new keys up to itself
+            keep = torch.ones(n, k.shape[2], dtype=torch.bool, device=q.device).tril(diagonal=past)
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
         context = context.transpose(1, 2).reshape(b, n, self.hidden_size)
         out = torch.empty_like(context)
         out[vision] = self.vision_expert_dense(context[vision])
@@ -218,17 +247,22 @@ class VisionExpertAttention(nn.Module):
 
 
 class CogVLMDecoderLayer(nn.Module):
-    def __init__(self, config: CogVLM2Config) -> None:
+    def __init__(self, config: CogVLM2Config, layer_idx: int = 0) -> None:
         super().__init__()
-        self.self_attn = VisionExpertAttention(config)
+        self.self_attn = VisionExpertAttention(config, layer_idx)
         self.mlp = VisionExpertMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(
-        self, hidden_states: torch.Tensor, token_type_ids: torch.Tensor, position_ids: torch.Tensor, **_: Any
+        self,
+        hidden_states: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Cache | None = None,
+        **_: Any,
     ) -> tuple[torch.Tensor]:
-        h = hidden_states + self.self_attn(self.input_layernorm(hidden_states), token_type_ids, position_ids)
+        h = hidden_states + self.self_attn(self.input_layernorm(hidden_states), token_type_ids, position_ids, cache)
         h = h + self.mlp(self.post_attention_layernorm(h), token_type_ids)
         return (h,)
 
@@ -363,8 +397,14 @@ class CogVLMPreTrainedModel(PreTrainedModel):
     _no_split_modules: ClassVar[list[str]] = ["CogVLMDecoderLayer", "TransformerLayer"]
 
     def _init_weights(self, module: nn.Module) -> None:
+        """Random init; also the rotary frequencies, which are not in checkpoints: `from_pretrained`
+        builds the model on the meta device, so the buffer ``__init__`` computed would come back as
+        uninitialised memory (garbage, NaN under torch's fill_uninitialized_memory)."""
         std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
+        if isinstance(module, VisionExpertAttention):
+            with torch.no_grad():
+                module.inv_freq.copy_(rope_inv_freq(module.head_dim))
+        elif isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -376,7 +416,7 @@ class CogVLMModel(CogVLMPreTrainedModel):
     def __init__(self, config: CogVLM2Config) -> None:
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList([CogVLMDecoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([CogVLMDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.vision = EVA2CLIPModel(config)
         self.post_init()
@@ -387,6 +427,7 @@ class CogVLMModel(CogVLMPreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
         images: torch.Tensor | list | None = None,
         position_ids: torch.Tensor | None = None,
+        cache: Cache | None = None,
         **_: Any,
     ) -> torch.Tensor:
         if token_type_ids is None:
@@ -401,11 +442,11 @@ class CogVLMModel(CogVLMPreTrainedModel):
             position_ids = build_position_ids(token_type_ids)
         hidden = embeds
         for layer in self.layers:
-            hidden = layer(hidden, token_type_ids=token_type_ids, position_ids=position_ids)[0]
+            hidden = layer(hidden, token_type_ids=token_type_ids, position_ids=position_ids, cache=cache)[0]
         return self.norm(hidden)
 
 
-class CogVLMForCausalLM(CogVLMPreTrainedModel):
+class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
     """Named as in the remote code, so checkpoints carry ``architectures: [CogVLMForCausalLM]``."""
 
     def __init__(self, config: CogVLM2Config) -> None:
@@ -427,10 +468,69 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel):
         images: torch.Tensor | list | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        hidden = self.model(input_ids, token_type_ids=token_type_ids, images=images, position_ids=position_ids)
-        return CausalLMOutputWithPast(logits=self.lm_head(hidden))
+        """Logits for `input_ids`; with a `cache` (or `use_cache`), earlier positions come from it and
+        `position_ids` must then be given for the new tokens only (`prepare_inputs_for_generation`)."""
+        cache = cache if cache is not None else past_key_values
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        hidden = self.model(
+            input_ids, token_type_ids=token_type_ids, images=images, position_ids=position_ids, cache=cache
+        )
+        return CausalLMOutputWithPast(logits=self.lm_head(hidden), cache=cache)
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.Tensor,
+        cache: Cache | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        images: torch.Tensor | list | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Positions over the whole sequence (the image shares positions), then only what the cache
+        has not seen: the full prompt with its image first, one text token per step after that."""
+        if token_type_ids is None:
+            token_type_ids = torch.full_like(input_ids, LANGUAGE_TOKEN_TYPE)
+        position_ids = build_position_ids(token_type_ids)
+        seen = cache.get_seq_length() if cache is not None else 0
+        if seen:
+            input_ids, token_type_ids, position_ids = (
+                input_ids[:, seen:],
+                token_type_ids[:, seen:],
+                position_ids[:, seen:],
+            )
+            images = None
+        return {
+            "input_ids": input_ids,
+            "token_type_ids": token_type_ids,
+            "position_ids": position_ids,
+            "images": images,
+            "attention_mask": attention_mask,
+            "cache": cache,
+            "use_cache": kwargs.get("use_cache"),
+        }
+
+    def _update_model_kwargs_for_generation(
+        self,
+        outputs: Any,
+        model_kwargs: dict[str, Any],
+        is_encoder_decoder: bool = False,
+        num_new_tokens: int = 1,
+    ) -> dict[str, Any]:
+        """Generated tokens are text: their type is language whatever the prompt ended with."""
+        token_type_ids = model_kwargs.pop("token_type_ids", None)
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
+        )
+        if token_type_ids is not None:
+            new = torch.full_like(token_type_ids[:, :num_new_tokens], LANGUAGE_TOKEN_TYPE)
+            model_kwargs["token_type_ids"] = torch.cat([token_type_ids, new], dim=-1)
+        return model_kwargs
 
     def build_conversation_input_ids(
         self,

@@ -64,11 +64,14 @@ def load_for_inference(
     device: str = "cpu",
     kernel: str = "auto",
     dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Path | str]:
     """(model, tokenizer, where): an int4 checkpoint on int4 kernels, anything else as it is.
 
     `model` None is the embedded default. `dtype` defaults to bfloat16 for checkpoints (the
-    int4 kernels' activation dtype) and float32 for full-precision models.
+    int4 kernels' activation dtype) and float32 for full-precision models. Vision-language models
+    load as their full image-text class either way; their processor comes from
+    `models.vlm.load_processor`. `trust_remote_code` runs modeling code shipped with the model.
     """
     from quantizer.loading import DTYPES, ModelLoadError, is_quantized_checkpoint, load_fp_model, resolve_model
 
@@ -76,14 +79,14 @@ def load_for_inference(
 
     where = resolve_model(None if model is None else str(model))
     if is_quantized_checkpoint(where):
-        m = load_quantized(where, device=device, kernel=kernel, dtype=dtype)
+        m = load_quantized(where, device=device, kernel=kernel, dtype=dtype, trust_remote_code=trust_remote_code)
         try:
-            tok = AutoTokenizer.from_pretrained(str(where), local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(str(where), local_files_only=True, trust_remote_code=trust_remote_code)
         except OSError as e:
             raise ModelLoadError(f"{where}: the checkpoint has no usable tokenizer files ({e})") from e
         return m, tok, where
     name = next(k for k, v in DTYPES.items() if v == (dtype or torch.float32))
-    m, tok, where = load_fp_model(str(where), name)
+    m, tok, where = load_fp_model(str(where), name, trust_remote_code=trust_remote_code)
     return m.to(device), tok, where
 
 

@@ -45,10 +45,13 @@ def is_quantized_checkpoint(path: Path | str) -> bool:
 
 
 def load_fp_model(
-    model: str | None, dtype: str = "float32"
+    model: str | None, dtype: str = "float32", *, trust_remote_code: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Path | str]:
     """The model (eval mode, on CPU) and its tokenizer; vision-language models as their full
-    image-text class (`models.architectures`), so that images can flow through them."""
+    image-text class (`models.architectures`), so that images can flow through them.
+
+    `trust_remote_code` runs modeling code shipped in the model directory (``auto_map``, e.g.
+    CogVLM2); off by default because it executes that code."""
     from models.architectures import model_class
 
     if dtype not in DTYPES:
@@ -57,9 +60,10 @@ def load_fp_model(
     if is_quantized_checkpoint(where):
         raise ModelLoadError(f"{where} is already a quantized checkpoint; quantize the full-precision model")
     try:
-        tok = AutoTokenizer.from_pretrained(where, local_files_only=True)
-        cls = model_class(AutoConfig.from_pretrained(where, local_files_only=True))
-        m = cls.from_pretrained(where, dtype=DTYPES[dtype], local_files_only=True)
+        remote = {"local_files_only": True, "trust_remote_code": trust_remote_code}
+        tok = AutoTokenizer.from_pretrained(where, **remote)
+        cls = model_class(AutoConfig.from_pretrained(where, **remote))
+        m = cls.from_pretrained(where, dtype=DTYPES[dtype], **remote)
     except OSError as e:
         raise ModelLoadError(
             f"cannot load model {model!r} offline: pass a local directory saved by save_pretrained "
@@ -69,10 +73,15 @@ def load_fp_model(
 
 
 def load_processor(where: Path | str) -> Any:
-    """The model's multimodal processor (image preprocessing + tokenizer + chat template), offline."""
-    from transformers import AutoProcessor
+    """The model's multimodal processor (image preprocessing + tokenizer + chat template), offline.
+
+    The same loader as serving (`models.vlm.load_processor`: also builds Qwen2-VL-style processors
+    without their video half, which otherwise demand torchvision); its error becomes a CLI message.
+    """
+    from models.vlm import ProcessorLoadError
+    from models.vlm import load_processor as load
 
     try:
-        return AutoProcessor.from_pretrained(where, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{where}: no usable processor for image calibration ({e})") from e
+        return load(where)
+    except ProcessorLoadError as e:
+        raise ModelLoadError(f"{e}; image calibration needs the model's processor") from e

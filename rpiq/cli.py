@@ -67,6 +67,15 @@ def quantize(
     instance_weight: Annotated[
         float | None, typer.Option(help="single-instance: weight of the kept batch's output error (0..1)")
     ] = None,
+    compensate: Annotated[
+        bool | None,
+        typer.Option(
+            "--compensate/--no-compensate",
+            help="sequential: fit each layer to the full-precision model's outputs, so it compensates the "
+            "error of the layers before it (a second stream of hidden states: about 2x activation memory); "
+            "default: on for rpiq, off for gptq",
+        ),
+    ] = None,
     calib_data: Annotated[
         str, typer.Option(help="text file, built-in 'calib', or 'images' (built-in image set, vision-language models)")
     ] = "calib",
@@ -103,6 +112,13 @@ def quantize(
     ] = False,
     resume: Annotated[bool, typer.Option(help="resume an interrupted run from OUT.rpiq-state")] = True,
     progress: Annotated[bool, typer.Option(help="progress bars")] = True,
+    trust_remote_code: Annotated[
+        bool,
+        typer.Option(
+            help="run modeling code shipped in MODEL's directory (config auto_map, e.g. CogVLM2); "
+            "the .py files are copied into the checkpoint so it loads standalone"
+        ),
+    ] = False,
 ) -> None:
     """Quantize MODEL's decoder layers and write a GPTQ-format checkpoint."""
     import torch
@@ -133,8 +149,8 @@ def quantize(
             gptq=GPTQConfig(block_size=block_size, percdamp=percdamp, act_order=act_order, static_groups=static_groups),
             refine=RefineConfig(**refine_kw),
         )
-        calibration = CalibrationConfig(mode=calib.value, instance_windows=instance_windows)
-        m, tok, where = load_fp_model(model, dtype)
+        calibration = CalibrationConfig(mode=calib.value, instance_windows=instance_windows, compensate=compensate)
+        m, tok, where = load_fp_model(model, dtype, trust_remote_code=trust_remote_code)
         if calib_data == IMAGES:  # (image, question, answer) batches through the whole VLM
             windows, tok = image_calibration(m, where, tok, nsamples, seed)
         else:
@@ -175,6 +191,7 @@ def quantize(
     meta = {
         "method": method.value,
         "calibration": calib.value,
+        "compensate": calibration.for_method(method.value).compensate,
         "calib_data": calib_data,
         "nsamples": nsamples,
         "seqlen": seqlen,
@@ -361,8 +378,13 @@ def serve(
     env_file: Annotated[
         Path | None, typer.Option(help="read RPIQ_* settings from this file (see deploy/rpiq.env.example)")
     ] = None,
+    trust_remote_code: Annotated[
+        bool, typer.Option(help="run modeling code shipped with the checkpoint (auto_map, e.g. CogVLM2)")
+    ] = False,
 ) -> None:
-    """Start the assistive HTTP server (VQA, reading, speech, OpenAI-compatible chat) on CHECKPOINT."""
+    """Start the assistive HTTP server (VQA, reading, speech, OpenAI-compatible chat) on CHECKPOINT.
+
+    A vision-language checkpoint (int4 or full precision) answers /v1/vqa by looking at the photo."""
     from pydantic import ValidationError
 
     from quantizer.loading import ModelLoadError, resolve_model
@@ -373,7 +395,7 @@ def serve(
         "model": checkpoint, "host": host, "port": port, "api_key": api_key,
         "allow_insecure_public": allow_insecure_public or None, "queue_size": queue_size,
         "request_timeout_s": timeout, "device": device, "kernel": kernel, "dtype": dtype, "threads": threads,
-        "ocr_engine": ocr, "voice": voice,
+        "ocr_engine": ocr, "voice": voice, "trust_remote_code": trust_remote_code or None,
     }  # fmt: skip
     defaults = {"host": "127.0.0.1", "port": 8000}  # CLI defaults must not override an env file's values
     overrides = {k: v for k, v in given.items() if v is not None and defaults.get(k, object()) != v}

@@ -71,7 +71,7 @@ def plan_vqa(rt: Runtime, context: ImageContext, question: str, *, length: str, 
         return Plan(context, preface, read_answer(context.text), None, None)
     messages = [
         {"role": "system", "content": system_prompt(length, language)},
-        {"role": "user", "content": f"{context.prompt_block()}\n\nQuestion: {question}"},
+        {"role": "user", "content": context.message_content(f"{context.prompt_block()}\n\nQuestion: {question}")},
     ]
     return Plan(context, preface, None, messages, GenParams(max_new_tokens=max_tokens))
 

@@ -1,6 +1,11 @@
 """The one model instance: loading (full precision or int4), chat generation with streaming and
 cooperative cancellation, and log-likelihood scoring for OCR clean-up.
 
+Vision-language checkpoints (int4 or full precision) load as their full image-text class with the
+checkpoint's own processor (`models.vlm`): `can_see` turns true, and a user message may then carry
+the photo as a ``{"type": "image", "image": PIL.Image}`` part next to its text parts; the processor's
+chat template and image preprocessing turn that into the model's inputs. Text-only models get text.
+
 Everything here runs on the model lane's single thread (see `lanes.py`); nothing is thread-safe
 by itself and nothing needs to be. Cancellation is a `threading.Event` checked by a stopping
 criterion after every token, so a disconnected client or an expired deadline frees the model
@@ -9,7 +14,6 @@ within one decoding step.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -76,6 +80,7 @@ class Engine:
         threads: int | None = None,
         max_prompt_tokens: int = 2048,
         token_delay_s: float = 0.0,
+        trust_remote_code: bool = False,
     ) -> None:
         self.requested = model
         self.device = device
@@ -84,44 +89,55 @@ class Engine:
         self.threads = threads
         self.max_prompt_tokens = max_prompt_tokens
         self.token_delay_s = token_delay_s
+        self.trust_remote_code = trust_remote_code
         self.model = None
         self.tokenizer = None
+        self.processor = None  # a VLM's processor (CogVLM-style models: their tokenizer)
         self.path: Path | None = None
         self.name = name or "rpiq"
         self._explicit_name = name
         self.quantized = False
-        self.can_see = False  # a VLM backend (later issue) sets this and takes images in generate()
+        self.can_see = False  # a vision-language model: takes image parts in generate()
         self.created = int(time.time())
 
     # --- loading ---------------------------------------------------------------------------------
     def load(self) -> None:
+        from models.architectures import is_vision_language
         from models.inference import load_for_inference
+        from models.vlm import ProcessorLoadError, is_cogvlm_style, load_processor
         from quantizer.loading import DTYPES, is_quantized_checkpoint, resolve_model
 
         if self.threads:
             torch.set_num_threads(self.threads)
         where = resolve_model(self.requested)
         path = Path(str(where))
-        cfg = path / "config.json"
-        if cfg.is_file():
-            conf = json.loads(cfg.read_text())
-            if "vision_config" in conf:
-                raise ModelLoadError(
-                    f"{path} is a vision-language checkpoint; serving VLMs is not implemented yet "
-                    "(the Describer seam in server/vision.py is where it plugs in)"
-                )
         t0 = time.perf_counter()
         # "auto": bfloat16 for int4 checkpoints (the kernels' activation dtype), float32 otherwise.
         dtype = None if self.dtype == "auto" else DTYPES[self.dtype]
-        model, tok, where = load_for_inference(where, device=self.device, kernel=self.kernel, dtype=dtype)
+        model, tok, where = load_for_inference(
+            where, device=self.device, kernel=self.kernel, dtype=dtype, trust_remote_code=self.trust_remote_code
+        )
+        if is_vision_language(model.config):
+            if is_cogvlm_style(model):
+                self.processor = tok  # builds its own image inputs from the tokenizer
+            else:
+                try:
+                    self.processor = load_processor(where, trust_remote_code=self.trust_remote_code)
+                except ProcessorLoadError as e:
+                    raise ModelLoadError(
+                        f"{e}. A vision-language checkpoint needs its processor files (preprocessor_config.json, "
+                        "chat template): re-quantize with this rpiq, or copy them from the original model"
+                    ) from e
+                tok = getattr(self.processor, "tokenizer", tok)
+            self.can_see = True
         self.model, self.tokenizer = model, tok
         self.quantized = is_quantized_checkpoint(where)
         self.model.eval()
         self.path = path
         if not self._explicit_name:
             self.name = path.name
-        log.info("model %s loaded (%s) in %.1f s", self.name, "int4" if self.quantized else "full precision",
-                 time.perf_counter() - t0)  # fmt: skip
+        log.info("model %s loaded (%s%s) in %.1f s", self.name, "int4" if self.quantized else "full precision",
+                 ", vision-language" if self.can_see else "", time.perf_counter() - t0)  # fmt: skip
 
     @property
     def loaded(self) -> bool:
@@ -129,7 +145,10 @@ class Engine:
 
     # --- prompts ---------------------------------------------------------------------------------
     def _prompt_ids(self, messages: list[dict]) -> torch.Tensor:
+        from models.vlm import flat_text
+
         tok = self.tokenizer
+        messages = [{"role": m["role"], "content": flat_text(m["content"])} for m in messages]
         if getattr(tok, "chat_template", None):
             text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         else:  # a base model: a plain transcript
@@ -138,6 +157,28 @@ class Engine:
         if ids.shape[1] > self.max_prompt_tokens:  # keep the end: the question and the template's tail
             ids = ids[:, -self.max_prompt_tokens :]
         return ids
+
+    def _inputs(self, messages: list[dict]) -> dict:
+        """Model inputs for `messages`: through the processor (photos included) for a VLM.
+
+        A VLM prompt is not cut to `max_prompt_tokens`: cutting could split the image's tokens; its
+        text is bounded by the callers instead (OCR text is capped in `ImageContext.prompt_block`).
+        """
+        if self.can_see:
+            from models.vlm import chat_inputs
+
+            return chat_inputs(self.model, self.processor, messages)
+        ids = self._prompt_ids(messages).to(self.model.device)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def _eos_ids(self) -> list[int]:
+        """The tokenizer's end token; a VLM's generation config may add its end-of-turn token
+        (SmolVLM's ``<end_of_utterance>``), which ends the answer just the same."""
+        ids = [self.tokenizer.eos_token_id]
+        if self.can_see:
+            extra = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+            ids += extra if isinstance(extra, list) else [extra]
+        return list(dict.fromkeys(i for i in ids if i is not None))
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -159,7 +200,8 @@ class Engine:
 
         t0 = time.perf_counter()
         tok = self.tokenizer
-        ids = self._prompt_ids(messages).to(self.model.device)
+        inputs = self._inputs(messages)
+        ids = inputs["input_ids"]
         first: list[float] = []
         pieces: list[str] = []
         stopped = [False]
@@ -183,7 +225,7 @@ class Engine:
             top_k=None,
             repetition_penalty=params.repetition_penalty,
             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-            eos_token_id=tok.eos_token_id,
+            eos_token_id=self._eos_ids() or None,
             stopping_criteria=StoppingCriteriaList([_Stop(cancel, deadline, self.token_delay_s, stopped)]),
             streamer=streamer,
         )
@@ -191,7 +233,7 @@ class Engine:
             gen_kwargs["stop_strings"] = params.stop
             gen_kwargs["tokenizer"] = tok
         with torch.inference_mode():
-            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **gen_kwargs)
+            out = self.model.generate(**inputs, **gen_kwargs)
         new = out[0, ids.shape[1] :]
         n_new = int(new.shape[0])
         text = tok.decode(new, skip_special_tokens=True)
@@ -201,7 +243,7 @@ class Engine:
                 text = text[: min(cut)]
         if stopped[0]:
             reason = "cancelled"
-        elif n_new >= params.max_new_tokens and (n_new == 0 or int(new[-1]) != tok.eos_token_id):
+        elif n_new >= params.max_new_tokens and (n_new == 0 or int(new[-1]) not in self._eos_ids()):
             reason = "length"
         else:
             reason = "stop"

@@ -24,7 +24,7 @@ from .ocr import OcrUnavailableError, make_engine
 from .reading import Reader
 from .settings import ServerSettings
 from .speech import Speech, SpeechUnavailableError
-from .vision import Describer, TextOnlyDescriber
+from .vision import Describer, TextOnlyDescriber, VLMDescriber
 
 log = logging.getLogger("rpiq.server")
 T = TypeVar("T")
@@ -63,6 +63,7 @@ class Runtime:
         self.engine = engine or Engine(
             s.model, device=s.device, kernel=s.kernel, dtype=s.dtype, name=s.model_name, threads=s.threads,
             max_prompt_tokens=s.max_prompt_tokens, token_delay_s=s.token_delay_s,
+            trust_remote_code=s.trust_remote_code,
         )  # fmt: skip
         self.model_lane = Lane("model", s.queue_size)
         self.ocr_lane = Lane("ocr", s.queue_size)
@@ -87,7 +88,8 @@ class Runtime:
             speech = self.speech_lane.submit_sync(self.speech.warm_up)
             ocr_engine = self.ocr_lane.submit_sync(make_engine, self.settings.ocr_engine)
             self.model_lane.submit_sync(self.engine.load).result()
-            self.components["model"] = f"ready ({'int4' if self.engine.quantized else 'full precision'})"
+            kind = "int4" if self.engine.quantized else "full precision"
+            self.components["model"] = f"ready ({kind}, sees images)" if self.engine.can_see else f"ready ({kind})"
             try:
                 ocr = ocr_engine.result()
                 self.components["ocr"] = f"ready ({ocr.name})" if ocr else "disabled"
@@ -98,7 +100,7 @@ class Runtime:
             if ocr is not None:
                 self.reader = Reader(ocr, self.ocr_lane, self.engine,
                                      self.model_lane if self.settings.ocr_cleanup else None)  # fmt: skip
-            self.describer = TextOnlyDescriber(self.reader)
+            self.describer = VLMDescriber(self.reader) if self.engine.can_see else TextOnlyDescriber(self.reader)
             try:
                 speech.result()
                 self.components["speech"] = "ready (espeak-ng)"

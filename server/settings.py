@@ -39,6 +39,9 @@ class ServerSettings(BaseSettings):
     kernel: str = Field("auto", description="int4 kernel for quantized checkpoints (models.int4)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; unset = torch's default")
+    trust_remote_code: bool = Field(
+        False, description="run modeling code shipped in the model directory (auto_map, e.g. CogVLM2); it executes it"
+    )
 
     # --- network ---
     host: str = "127.0.0.1"

@@ -2,15 +2,18 @@
 
 Why a seam: the embedded default (SmolLM2-135M) is text-only. It must not pretend to see, so its
 describer hands it only what the server can really extract: the text in the photo (offline OCR) and
-measured facts (size, brightness, contrast, sharpness). A vision-language checkpoint (a later issue)
-plugs in here with `can_see = True` and its own description, and the routes do not change.
+measured facts (size, brightness, contrast, sharpness). A vision-language checkpoint plugs in here
+with `VLMDescriber` (`can_see = True`): the context then carries the photo itself, which the planners
+(`assist.plan_vqa`, the chat route) put into the user message for the model to look at, and the routes
+do not change. The VLM still gets the OCR text and the measured facts: small VLMs misread print, and
+the quality warnings are said first whatever model answers.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from PIL import Image
 
@@ -25,8 +28,15 @@ class ImageContext:
     facts: ImageFacts
     reading: Reading | None
     can_see: bool
-    description: str | None = None  # what a VLM saw; None for the text-only describer
+    description: str | None = None  # a description made beforehand; None when the model looks itself
     timings: dict[str, float] = field(default_factory=dict)
+    image: Any = None  # the photo (PIL), for a model that can see; None for the text-only describer
+
+    def message_content(self, text: str) -> str | list[dict[str, Any]]:
+        """A user message's content: the photo first (when the model can see it), then `text`."""
+        if self.can_see and self.image is not None:
+            return [{"type": "image", "image": self.image}, {"type": "text", "text": text}]
+        return text
 
     @property
     def text(self) -> str:
@@ -69,3 +79,20 @@ class TextOnlyDescriber:
         if self.reader is not None:
             reading = await self.reader.read(image, cancel=cancel, timeout=timeout, cleanup=False)
         return ImageContext(facts, reading, can_see=False, timings=dict(reading.timings) if reading else {})
+
+
+class VLMDescriber:
+    """For vision-language models: the photo itself goes to the model, with OCR text and measured facts."""
+
+    can_see = True
+
+    def __init__(self, reader: Reader | None) -> None:
+        self.reader = reader
+
+    async def describe(self, image: Image.Image, *, cancel: threading.Event, timeout: float | None) -> ImageContext:
+        facts = measure(image)
+        reading = None
+        if self.reader is not None:
+            reading = await self.reader.read(image, cancel=cancel, timeout=timeout, cleanup=False)
+        timings = dict(reading.timings) if reading else {}
+        return ImageContext(facts, reading, can_see=True, timings=timings, image=image.convert("RGB"))

@@ -10,8 +10,7 @@ import torch
 from models.packing import pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
 from quantizer.config import GPTQConfig, GridConfig, QuantConfig, RefineConfig
 from quantizer.grid import fake_quantize, fit_params
-from quantizer.hessian import HessianAccumulator
-from quantizer.hessian import prepare_hessian
+from quantizer.hessian import HessianAccumulator, prepare_hessian
 from quantizer.layer import Instance, compensation_target, layer_loss, quantize_weight
 from tests.layers import realistic_layer
 

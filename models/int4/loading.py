@@ -76,6 +76,7 @@ def load_quantized(
     kernel: str = "auto",
     dtype: torch.dtype | None = None,
     progress: bool = False,
+    trust_remote_code: bool = False,
 ) -> PreTrainedModel:
     """A ready-to-generate transformers model from a GPTQ checkpoint, on int4 kernels.
 
@@ -83,6 +84,9 @@ def load_quantized(
     each layer on `device` and falls back to the dequantizing reference where none fits (logged).
     `dtype` is that of everything that is not quantized (default bfloat16). Bad checkpoints raise
     `CheckpointError` naming the file and tensor; an impossible kernel raises `KernelUnavailableError`.
+    Vision-language checkpoints build their full image-text class (`models.architectures`), so the
+    vision tower and projector load beside the int4 language tower; `trust_remote_code` runs the
+    checkpoint's own modeling code (``auto_map``, e.g. CogVLM2).
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig
@@ -94,13 +98,14 @@ def load_quantized(
     dtype = dtype or DEFAULT_DTYPE
     stream = open_checkpoint(path)
     try:
-        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path / 'config.json'}: not a usable transformers config ({e})") from e
+        hint = " (it names its own modeling code: pass trust_remote_code)" if _has_auto_map(path) else ""
+        raise CheckpointError(f"{path / 'config.json'}: not a usable transformers config{hint} ({e})") from e
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # we are the GPTQ backend; transformers must not look for one
     with init_empty_weights():
-        model = from_config(config, dtype=dtype)  # the VLM class for VLM checkpoints
+        model = from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)  # the VLM class for VLMs
 
     used: Counter[str] = Counter()
     names = tqdm(stream.quantized_names, desc="loading int4 layers", unit="layer", disable=not progress)
@@ -122,6 +127,15 @@ def load_quantized(
         )
     model.int4_kernels = dict(used)  # which kernel runs how many layers, for reports
     return model.to(device).eval()
+
+
+def _has_auto_map(path: Path) -> bool:
+    import json
+
+    try:
+        return "auto_map" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def _linear_for(model: nn.Module, name: str, qw: QuantizedWeight, path: Path) -> nn.Linear:

@@ -48,6 +48,7 @@ async def _plan(rt: Runtime, req: ChatRequest, ctx: RequestCtx, max_tokens: int)
     n_images = 0
     last_user_images: list = []
     for i, m in enumerate(req.messages):
+        seen: list[dict] = []  # the photos themselves, for a model that can see
         if isinstance(m.content, str) or m.content is None:
             text = m.content or ""
             images_here: list = []
@@ -64,11 +65,14 @@ async def _plan(rt: Runtime, req: ChatRequest, ctx: RequestCtx, max_tokens: int)
                     context = await rt.describer.describe(image, cancel=ctx.cancel, timeout=ctx.remaining())
                     images_here.append(context)
                     parts.append(f"[Photo {n_images}]\n{context.prompt_block()}")
+                    if context.can_see and context.image is not None:
+                        seen.append({"type": "image", "image": context.image})
             text = "\n\n".join(parts)
         if m.role in ("system", "developer"):
             system.append(text)
             continue
-        messages.append({"role": m.role, "content": text})
+        content = [*seen, {"type": "text", "text": text}] if seen else text
+        messages.append({"role": m.role, "content": content})
         if m.role == "user" and i == len(req.messages) - 1:
             last_user_images = images_here
     if not messages or messages[-1]["role"] != "user":
