@@ -42,6 +42,12 @@ CLIP_LIKE_GROUPS: tuple[tuple[str, ...], ...] = (  # CLIP / SigLIP encoder block
     ("mlp.fc2",),
 )
 QWEN2_VL_VISION_GROUPS: tuple[tuple[str, ...], ...] = (("attn.qkv",), ("attn.proj",), ("mlp.fc1",), ("mlp.fc2",))
+QWEN2_5_VL_VISION_GROUPS: tuple[tuple[str, ...], ...] = (  # gated (SwiGLU) MLP, unlike Qwen2-VL's
+    ("attn.qkv",),
+    ("attn.proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
 EVA_CLIP_GROUPS: tuple[tuple[str, ...], ...] = (
     ("attention.query_key_value",),
     ("attention.dense",),
@@ -120,9 +126,15 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
         LLAMA_LIKE_GROUPS,
         vision=ModelAdapter("qwen2_vl:vision", ("qwen2_vl",), "model.visual.blocks", QWEN2_VL_VISION_GROUPS),
     ),
-    # Qwen2.5-VL's vision blocks alternate window and full attention (per-block arguments), which
-    # the layer-by-layer runner does not replay yet: its vision tower stays 16-bit.
-    ModelAdapter("qwen2_5_vl", ("qwen2_5_vl",), "model.language_model.layers", LLAMA_LIKE_GROUPS),
+    # Qwen2.5-VL's vision blocks alternate window and full attention (`fullatt_block_indexes`: a
+    # different `cu_seqlens` per block); the runner replays each block's own recorded arguments.
+    ModelAdapter(
+        "qwen2_5_vl",
+        ("qwen2_5_vl",),
+        "model.language_model.layers",
+        LLAMA_LIKE_GROUPS,
+        vision=ModelAdapter("qwen2_5_vl:vision", ("qwen2_5_vl",), "model.visual.blocks", QWEN2_5_VL_VISION_GROUPS),
+    ),
     ModelAdapter(
         "idefics3",
         ("idefics3", "smolvlm"),

@@ -3,8 +3,8 @@
 Each family is built from a transformers config (CogVLM2 from `models.cogvlm2`) with a byte-level
 tokenizer made on the spot, so that real processors (LLaVA, Idefics3) and CogVLM2's prompt
 builder turn calibration images into model inputs exactly as they do for real checkpoints.
-Qwen2-VL's processor needs torchvision for its video half, which is not installed here: its
-inputs come from its image processor plus the same image-pad expansion the processor performs.
+Qwen2-VL's and Qwen2.5-VL's processors need torchvision for their video half, which is not installed
+here: their inputs come from the image processor plus the same image-pad expansion the processor performs.
 """
 
 from __future__ import annotations
@@ -144,6 +144,46 @@ def qwen2_vl() -> TinyVLM:
     return TinyVLM(model, inputs, tok)
 
 
+def qwen2_5_vl() -> TinyVLM:
+    """Qwen2.5-VL: Qwen2-VL's inputs, but a vision tower of gated-MLP blocks that alternate windowed
+    and full attention. 32 px windows over up to 64x64 px images (a 16x16 patch grid, 8x8 merged
+    tokens): four windows per image in blocks 0 and 2, the whole image in block 1."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
+
+    special = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
+    tok = byte_tokenizer(special)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in special}
+    image_processor = Qwen2VLImageProcessor(
+        min_pixels=16 * 16, max_pixels=64 * 64, patch_size=4, merge_size=2, temporal_patch_size=2
+    )
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tok), rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, **TEXT),
+        vision_config=dict(
+            depth=3, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2, patch_size=4,
+            spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1],
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+    )  # fmt: skip
+    model = _widen(Qwen2_5_VLForConditionalGeneration(config))
+
+    def inputs(samples: list[CalibSample]) -> list[dict[str, Any]]:
+        out = []
+        for s in samples:
+            pix = image_processor(images=[s.image], return_tensors="pt")
+            n = int(pix["image_grid_thw"].prod()) // 4  # merge_size**2 patches per token
+            image = "<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>"
+            text = f"user: {image}{s.question}\nassistant: {s.answer}\n"
+            enc = tok(text, return_tensors="pt")
+            mm_types = (enc["input_ids"] == ids["<|image_pad|>"]).long()
+            batch = dict(enc, mm_token_type_ids=mm_types, pixel_values=pix["pixel_values"])
+            out.append(dict(batch, image_grid_thw=pix["image_grid_thw"]))
+        return out
+
+    return TinyVLM(model, inputs, tok)
+
+
 def cogvlm2() -> TinyVLM:
     from models.cogvlm2 import CogVLM2Config, CogVLMForCausalLM
 
@@ -172,5 +212,6 @@ FAMILIES: dict[str, Callable[[], TinyVLM]] = {
     "llava": llava,
     "idefics3": idefics3,
     "qwen2_vl": qwen2_vl,
+    "qwen2_5_vl": qwen2_5_vl,
     "cogvlm2": cogvlm2,
 }
