@@ -78,21 +78,13 @@ class TextOnlyDescriber:
         reading = None
         if self.reader is not None:
             reading = await self.reader.read(image, cancel=cancel, timeout=timeout, cleanup=False)
-        return ImageContext(facts, reading, can_see=False, timings=dict(reading.timings) if reading else {})
+        timings = dict(reading.timings) if reading else {}
+        return ImageContext(
+            facts, reading, can_see=self.can_see, timings=timings, image=image.convert("RGB") if self.can_see else None
+        )
 
 
-class VLMDescriber:
+class VLMDescriber(TextOnlyDescriber):
     """For vision-language models: the photo itself goes to the model, with OCR text and measured facts."""
 
     can_see = True
-
-    def __init__(self, reader: Reader | None) -> None:
-        self.reader = reader
-
-    async def describe(self, image: Image.Image, *, cancel: threading.Event, timeout: float | None) -> ImageContext:
-        facts = measure(image)
-        reading = None
-        if self.reader is not None:
-            reading = await self.reader.read(image, cancel=cancel, timeout=timeout, cleanup=False)
-        timings = dict(reading.timings) if reading else {}
-        return ImageContext(facts, reading, can_see=True, timings=timings, image=image.convert("RGB"))

@@ -107,26 +107,24 @@ def idefics3() -> TinyVLM:
     return TinyVLM(model, lambda s: vlm_batches(model, s, processor=processor), processor)
 
 
-def qwen2_vl() -> TinyVLM:
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
+def _qwen_vl(config_cls: Any, model_cls: Any, vision_config: dict[str, Any], max_pixels: int) -> TinyVLM:
+    """Qwen2-VL and Qwen2.5-VL share their tokens, image processor and input layout."""
+    from transformers import Qwen2VLImageProcessor
 
     special = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
     tok = byte_tokenizer(special)
     ids = {t: tok.convert_tokens_to_ids(t) for t in special}
     image_processor = Qwen2VLImageProcessor(
-        min_pixels=16 * 16, max_pixels=32 * 32, patch_size=4, merge_size=2, temporal_patch_size=2
+        min_pixels=16 * 16, max_pixels=max_pixels, patch_size=4, merge_size=2, temporal_patch_size=2
     )
-    config = Qwen2VLConfig(
+    config = config_cls(
         text_config=dict(vocab_size=len(tok), rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, **TEXT),
-        vision_config=dict(
-            depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
-            temporal_patch_size=2, mlp_ratio=2,
-        ),
+        vision_config=vision_config,
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
-    )  # fmt: skip
-    model = _widen(Qwen2VLForConditionalGeneration(config))
+    )
+    model = _widen(model_cls(config))
 
     def inputs(samples: list[CalibSample]) -> list[dict[str, Any]]:
         out = []
@@ -144,44 +142,27 @@ def qwen2_vl() -> TinyVLM:
     return TinyVLM(model, inputs, tok)
 
 
+def qwen2_vl() -> TinyVLM:
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    vision = dict(
+        depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
+        temporal_patch_size=2, mlp_ratio=2,
+    )  # fmt: skip
+    return _qwen_vl(Qwen2VLConfig, Qwen2VLForConditionalGeneration, vision, max_pixels=32 * 32)
+
+
 def qwen2_5_vl() -> TinyVLM:
     """Qwen2.5-VL: Qwen2-VL's inputs, but a vision tower of gated-MLP blocks that alternate windowed
     and full attention. 32 px windows over up to 64x64 px images (a 16x16 patch grid, 8x8 merged
     tokens): four windows per image in blocks 0 and 2, the whole image in block 1."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    special = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
-    tok = byte_tokenizer(special)
-    ids = {t: tok.convert_tokens_to_ids(t) for t in special}
-    image_processor = Qwen2VLImageProcessor(
-        min_pixels=16 * 16, max_pixels=64 * 64, patch_size=4, merge_size=2, temporal_patch_size=2
-    )
-    config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, **TEXT),
-        vision_config=dict(
-            depth=3, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2, patch_size=4,
-            spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1],
-        ),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
+    vision = dict(
+        depth=3, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2, patch_size=4,
+        spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1],
     )  # fmt: skip
-    model = _widen(Qwen2_5_VLForConditionalGeneration(config))
-
-    def inputs(samples: list[CalibSample]) -> list[dict[str, Any]]:
-        out = []
-        for s in samples:
-            pix = image_processor(images=[s.image], return_tensors="pt")
-            n = int(pix["image_grid_thw"].prod()) // 4  # merge_size**2 patches per token
-            image = "<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>"
-            text = f"user: {image}{s.question}\nassistant: {s.answer}\n"
-            enc = tok(text, return_tensors="pt")
-            mm_types = (enc["input_ids"] == ids["<|image_pad|>"]).long()
-            batch = dict(enc, mm_token_type_ids=mm_types, pixel_values=pix["pixel_values"])
-            out.append(dict(batch, image_grid_thw=pix["image_grid_thw"]))
-        return out
-
-    return TinyVLM(model, inputs, tok)
+    return _qwen_vl(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, vision, max_pixels=64 * 64)
 
 
 def cogvlm2() -> TinyVLM:
