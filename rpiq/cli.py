@@ -437,10 +437,43 @@ def plan(
     print_plan(result, out)
 
 
-@app.command()
-def bench() -> None:
-    """Benchmarks (not implemented as a sub-command yet: run the scripts in benchmarks/)."""
-    _fail("`rpiq bench` is not implemented yet; run `python benchmarks/layer_loss.py`", code=3)
+BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _benchmarks() -> dict[str, str]:
+    """Benchmark scripts of the source checkout: name -> first line of its docstring."""
+    import ast
+
+    out = {}
+    for f in sorted(BENCHMARKS_DIR.glob("*.py")):
+        doc = ast.get_docstring(ast.parse(f.read_text(encoding="utf-8"))) or ""
+        if f.stem != "memory" and "__main__" in f.read_text(encoding="utf-8"):
+            out[f.stem] = doc.splitlines()[0] if doc else ""
+    return out
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(
+    ctx: typer.Context,
+    name: Annotated[str | None, typer.Argument(help="benchmark to run (omit to list them)")] = None,
+) -> None:
+    """Run a benchmark script from benchmarks/ (e.g. `rpiq bench report --quick`); extra options go to it.
+
+    Benchmarks print a table and save JSON; they live in the source checkout, not in the wheel.
+    """
+    import subprocess
+
+    if not BENCHMARKS_DIR.is_dir():
+        _fail(f"no benchmarks/ directory next to the rpiq package ({BENCHMARKS_DIR}); run from a source checkout")
+    found = _benchmarks()
+    if name is None:
+        for stem, line in found.items():
+            console.print(f"[bold]{stem}[/bold]  {line}")
+        return
+    if name not in found:
+        _fail(f"unknown benchmark {name!r}; choose one of: {', '.join(found)}")
+    cmd = [sys.executable, str(BENCHMARKS_DIR / f"{name}.py"), *ctx.args]
+    raise typer.Exit(subprocess.run(cmd, check=False).returncode)
 
 
 def main() -> None:  # pragma: no cover

@@ -134,10 +134,20 @@ def test_missing_model_directory(tmp_path):
     assert "no config.json" in res.output
 
 
-def test_unfinished_commands_say_so():
+def test_bench_lists_runs_and_refuses_benchmarks():
     res = runner.invoke(app, ["bench"])
-    assert res.exit_code == 3
-    assert "not implemented yet" in res.output
+    assert res.exit_code == 0
+    names = {line.split()[0] for line in res.output.splitlines() if line.strip()}
+    assert {"report", "decode", "layer_loss"} <= names and "memory" not in names  # memory.py is a helper
+    res = runner.invoke(app, ["bench", "nope"])
+    assert res.exit_code == 2
+    assert "unknown benchmark 'nope'" in res.output and "report" in res.output
+
+
+def test_bench_passes_options_through_and_keeps_the_exit_code(capfd):
+    res = runner.invoke(app, ["bench", "report", "--no-such-option"])
+    assert res.exit_code == 2  # argparse's usage error, from the child
+    assert "unrecognized arguments: --no-such-option" in capfd.readouterr().err
 
 
 def test_serve_refuses_to_expose_without_an_api_key(tmp_path):
