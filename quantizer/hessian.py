@@ -73,21 +73,38 @@ def prepare_hessian(H: torch.Tensor, percdamp: float) -> PreparedHessian:
     return PreparedHessian(H=H, dead=dead, damp=damp)
 
 
+def _extra_damping(H: torch.Tensor):
+    """0, then 1 % of mean(diag H), then 10x more each time: what a near-singular `H` gets added."""
+    mean_diag = float(torch.mean(torch.diagonal(H)))
+    extra = 0.0
+    for _ in range(8):
+        yield extra
+        extra = mean_diag * 0.01 if extra == 0.0 else 10.0 * extra
+
+
+def cholesky_lower(H: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factor of `H`, raising the damping step by step if `H` is not numerically
+    positive definite (as `inverse_cholesky_upper` does)."""
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for extra in _extra_damping(H):
+        L, info = torch.linalg.cholesky_ex(H if extra == 0.0 else H + extra * eye)
+        if int(info) == 0:
+            return L
+    raise ValueError("Hessian is not positive definite even after extra damping")
+
+
 def inverse_cholesky_upper(H: torch.Tensor) -> torch.Tensor:
     """Upper Cholesky factor `U` of `H^-1` (`H^-1 = U^T U`), the GPTQ error-feedback operator.
 
     If `H` is not numerically positive definite, the damping is raised step by step rather than
     failing: a layer fed with nearly collinear inputs still gets quantized.
     """
-    extra = 0.0
-    mean_diag = float(torch.mean(torch.diagonal(H)))
-    for _ in range(8):
-        Hd = H if extra == 0.0 else H + extra * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-        L, info = torch.linalg.cholesky_ex(Hd)
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for extra in _extra_damping(H):
+        L, info = torch.linalg.cholesky_ex(H if extra == 0.0 else H + extra * eye)
         if int(info) == 0:
             Hinv = torch.cholesky_inverse(L)
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if int(info) == 0:
                 return U
-        extra = mean_diag * (0.01 if extra == 0.0 else 10.0 * extra / mean_diag)
     raise ValueError("Hessian is not positive definite even after extra damping")

@@ -12,7 +12,7 @@ import torch
 from .config import QuantConfig
 from .gptq import gptq_quantize
 from .grid import column_groups, fit_params, quantize_codes
-from .hessian import inverse_cholesky_upper, prepare_hessian
+from .hessian import cholesky_lower, inverse_cholesky_upper, prepare_hessian
 from .refine import HessianResidual, InstanceResidual, refine
 from .result import LayerReport, QuantizedWeight
 
@@ -106,8 +106,7 @@ def compensation_target(W: torch.Tensor, cross: torch.Tensor, H: torch.Tensor, d
     which is `W` exactly when the inputs were not degraded.
     """
     rhs = (W @ cross + damp * W).t()  # [in, out]
-    L = torch.linalg.cholesky(H)
-    return torch.cholesky_solve(rhs, L).t().contiguous()
+    return torch.cholesky_solve(rhs, cholesky_lower(H)).t().contiguous()
 
 
 def _quantize_weight(

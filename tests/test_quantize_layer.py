@@ -245,6 +245,15 @@ def test_compensated_gptq_matches_the_full_precision_output_better():
     assert errs["rpiq"][1] < errs["gptq"][1]
 
 
+def test_compensation_target_survives_a_hessian_that_is_not_positive_definite():
+    """A rank-deficient, slightly indefinite Hessian (an estimate, or float round-off) gets extra
+    damping instead of a Cholesky error."""
+    layer = realistic_layer(16, 32, tokens=8, seed=16)  # 8 tokens: rank 8 of 32
+    H = layer.H - 1e-3 * float(layer.H.diagonal().mean()) * torch.eye(32)
+    target = compensation_target(layer.W, layer.H, H, 0.0)
+    assert torch.isfinite(target).all()
+
+
 def test_compensation_cross_term_must_match_the_hessian():
     with pytest.raises(ValueError, match="cross term shape"):
         quantize_weight(torch.ones(3, 4), torch.eye(4), cross=torch.eye(5))
