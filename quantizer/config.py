@@ -68,6 +68,12 @@ class GPTQConfig(_Frozen):
     static_groups: bool = Field(
         False, description="with act_order: fix every group's grid up front from the unpermuted weights"
     )
+    compensation_percdamp: float = Field(
+        0.01,
+        ge=0.0,
+        description="with compensation (`CalibrationConfig.compensate`): ridge of the least-squares target "
+        "W* = (W C + l W)(H + l I)^-1, l = this x mean(diag H); larger pulls the target towards W",
+    )
 
 
 class RefineConfig(_Frozen):

@@ -112,6 +112,10 @@ def quantize(
     ] = False,
     resume: Annotated[bool, typer.Option(help="resume an interrupted run from OUT.rpiq-state")] = True,
     progress: Annotated[bool, typer.Option(help="progress bars")] = True,
+    compensation_percdamp: Annotated[
+        float | None,
+        typer.Option(help="ridge of the compensation target, fraction of mean(diag H); larger = closer to W"),
+    ] = None,
     trust_remote_code: Annotated[
         bool,
         typer.Option(
@@ -146,7 +150,13 @@ def quantize(
                 sym=sym,
                 min_zero=1 if checkpoint_format == Format.gptq else 0,
             ),
-            gptq=GPTQConfig(block_size=block_size, percdamp=percdamp, act_order=act_order, static_groups=static_groups),
+            gptq=GPTQConfig(
+                block_size=block_size,
+                percdamp=percdamp,
+                act_order=act_order,
+                static_groups=static_groups,
+                **({} if compensation_percdamp is None else {"compensation_percdamp": compensation_percdamp}),
+            ),
             refine=RefineConfig(**refine_kw),
         )
         calibration = CalibrationConfig(mode=calib.value, instance_windows=instance_windows, compensate=compensate)
