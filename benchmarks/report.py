@@ -80,7 +80,7 @@ def quality_job(job: dict) -> dict:
     """One method on one grid with one calibration seed; runs in a fresh child process."""
     import torch
 
-    from quantizer.config import GridConfig, QuantConfig
+    from quantizer.config import GPTQConfig, GridConfig, QuantConfig
     from quantizer.data import calibration_windows, evaluation_windows, load_text
     from quantizer.evaluate import perplexity
     from quantizer.loading import load_fp_model
@@ -94,7 +94,8 @@ def quality_job(job: dict) -> dict:
     if job["method"] != "fp":
         calib = calibration_windows(tok, load_text("calib"), job["nsamples"], job["seqlen"], seed=job["seed"])
         method, mode, compensate = SPECS[job["method"]]
-        cfg = QuantConfig(method=method, grid=GridConfig(bits=job["bits"], group_size=job["group_size"]))
+        gptq = GPTQConfig(**({"compensation_percdamp": job["comp_damp"]} if job.get("comp_damp") is not None else {}))
+        cfg = QuantConfig(method=method, grid=GridConfig(bits=job["bits"], group_size=job["group_size"]), gptq=gptq)
         t0 = time.perf_counter()
         cal = CalibrationConfig(mode=mode, compensate=compensate)
         res = quantize_model(model, calib, cfg, cal, progress=False)
@@ -370,6 +371,12 @@ def main() -> None:
     ap.add_argument("--eval-seqlen", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument(
+        "--compensation-percdamp",
+        type=float,
+        default=None,
+        help="ridge of the compensation target for the compensated methods (default: GPTQConfig's)",
+    )
+    ap.add_argument(
         "--jobs", type=int, default=1, help="quality jobs run at once (each in its own process); >1 loads the timings"
     )
     ap.add_argument("--ablation-layer", type=int, default=15)
@@ -400,7 +407,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     base = {
         "model": model, "nsamples": args.nsamples, "seqlen": args.seqlen, "evals": evals,
-        "eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows,
+        "eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows, "comp_damp": args.compensation_percdamp,
     }  # fmt: skip
     t_start, load_start = time.perf_counter(), os.getloadavg()[0]
     report_path = args.out_dir / "report.json"
@@ -470,6 +477,7 @@ def main() -> None:
         # Timing columns are only comparable on an otherwise idle machine: say how busy it was.
         "load_average_start_end": [load_start, os.getloadavg()[0]],
         "parallel_jobs": args.jobs,
+        "compensation_percdamp": args.compensation_percdamp,
     }
     if previous.get("meta"):
         report["meta"]["appended_to"] = previous["meta"]["command"]
