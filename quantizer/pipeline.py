@@ -45,6 +45,7 @@ from .capture import (
 from .config import QuantConfig
 from .hessian import HessianAccumulator
 from .layer import Instance, quantize_weight
+from .memory import release_freed_memory
 from .result import LayerReport, QuantizedWeight
 from .resume import RunState, fingerprint
 
@@ -232,6 +233,7 @@ def _quantize_tower(
     def finish_layer(index: int, weights: dict[str, QuantizedWeight], reports: list[LayerReport]) -> None:
         result.weights.update(weights)
         result.reports.extend(reports)
+        release_freed_memory()
         if state is not None:
             state.save_layer(index, weights, reports)
         if on_layer:

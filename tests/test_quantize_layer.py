@@ -236,6 +236,8 @@ def test_compensated_gptq_matches_the_full_precision_output_better():
     errs = {}
     for method in ("gptq", "rpiq"):
         cfg = _cfg(method, 3, 64, block_size=32)  # stage 2 needs several blocks to move anything
+        # 2048 tokens for 128 inputs: nothing to overfit, so the weak ridge of the plain GPTQ damping.
+        cfg = cfg.model_copy(update={"gptq": GPTQConfig(compensation_percdamp=0.01)})
         plain, _ = quantize_weight(layer.W, H, cfg)
         comp, rep = quantize_weight(layer.W, H, cfg, cross=cross)
         errs[method] = [float(torch.sum((Y - Xq @ q.dequantize().t()) ** 2)) for q in (plain, comp)]
@@ -252,6 +254,20 @@ def test_compensation_target_survives_a_hessian_that_is_not_positive_definite():
     H = layer.H - 1e-3 * float(layer.H.diagonal().mean()) * torch.eye(32)
     target = compensation_target(layer.W, layer.H, H, 0.0)
     assert torch.isfinite(target).all()
+
+
+def test_a_stronger_compensation_ridge_keeps_the_target_closer_to_the_weight():
+    """Few tokens for many inputs: the least-squares target chases noise; the ridge reins it in."""
+    layer = realistic_layer(32, 128, tokens=160, seed=17)
+    Xq = _degraded(layer, noise=0.2)
+    H, cross = 2.0 / Xq.shape[0] * Xq.t() @ Xq, 2.0 / Xq.shape[0] * layer.X.t() @ Xq
+    mean_diag = float(H.diagonal().mean())
+    moved = []
+    for percdamp in (0.01, 0.1, 1.0):
+        lam = percdamp * mean_diag
+        target = compensation_target(layer.W, cross, H + lam * torch.eye(128), lam)
+        moved.append(float((target - layer.W).norm()))
+    assert moved[0] > moved[1] > moved[2] > 0
 
 
 def test_compensation_cross_term_must_match_the_hessian():
