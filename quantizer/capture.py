@@ -101,18 +101,18 @@ def _install_output_hooks(model: nn.Module) -> None:
 
 
 class _CallRecorder(nn.Module):
-    """Stands in for decoder layer `index`: records its call and passes the hidden states on.
+    """Stands in for a decoder layer: records its call and passes the hidden states on.
 
     Nothing is computed: the arguments a model passes to its layers (masks, rotary embeddings,
     positions) are built before the layer loop, from the input alone. The last recorder stops
     the forward.
     """
 
-    def __init__(self, real: nn.Module, index: int, last: bool, sink: list[tuple[torch.Tensor, Call]]):
+    def __init__(self, real: nn.Module, last: bool, sink: list[tuple[torch.Tensor, Call]]):
         super().__init__()
         # Some models read attributes of their layers (e.g. `attention_type`) while building masks.
         self.__dict__.update({k: v for k, v in real.__dict__.items() if not k.startswith("_")})
-        self._index, self._last, self._sink = index, last, sink
+        self._last, self._sink = last, sink
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._sink.append((hidden_states, (args, kwargs)))
@@ -133,7 +133,7 @@ def capture_first_layer_inputs(
     real = list(layers)
     sink: list[tuple[torch.Tensor, Call]] = []
     for i, layer in enumerate(real):
-        layers[i] = _CallRecorder(layer, i, i == len(real) - 1, sink)
+        layers[i] = _CallRecorder(layer, i == len(real) - 1, sink)
     try:
         for batch in batches:
             multimodal = multimodal or not isinstance(batch, torch.Tensor)

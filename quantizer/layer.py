@@ -125,10 +125,9 @@ def _quantize_weight(
     prep = prepare_hessian(H0, cfg.gptq.percdamp)
     W[:, prep.dead] = 0.0
     if cross is not None:
-        Hc, lam = prep.H, prep.damp
-        if cfg.gptq.compensation_percdamp != cfg.gptq.percdamp:  # its own ridge
-            lam = cfg.gptq.compensation_percdamp * (float(torch.mean(torch.diagonal(prep.H))) - prep.damp)
-            Hc = prep.H + (lam - prep.damp) * torch.eye(n, device=device)
+        # The target's own ridge: prep.H carries the GPTQ damping, swapped here for `lam`.
+        lam = cfg.gptq.compensation_percdamp * (float(torch.mean(torch.diagonal(prep.H))) - prep.damp)
+        Hc = prep.H + (lam - prep.damp) * torch.eye(n, device=device)
         W = compensation_target(W, cross.detach().float().to(device), Hc, lam)
         W[:, prep.dead] = 0.0
     natural_groups = column_groups(n, grid.group_size).to(device)

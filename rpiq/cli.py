@@ -456,8 +456,9 @@ def _benchmarks() -> dict[str, str]:
 
     out = {}
     for f in sorted(BENCHMARKS_DIR.glob("*.py")):
-        doc = ast.get_docstring(ast.parse(f.read_text(encoding="utf-8"))) or ""
-        if f.stem != "memory" and "__main__" in f.read_text(encoding="utf-8"):
+        source = f.read_text(encoding="utf-8")
+        if "__main__" in source:  # a runnable script, not a helper module such as memory.py
+            doc = ast.get_docstring(ast.parse(source)) or ""
             out[f.stem] = doc.splitlines()[0] if doc else ""
     return out
 
