@@ -178,10 +178,13 @@ class GroupInputCatcher:
         stop: bool = True,
         streaming: bool = False,
         hessian_dtype: torch.dtype = torch.float32,
+        hessian_device: torch.device | str | None = None,
     ):
         """`stop`: end the forward once every member has its input (nothing after is needed).
         `streaming`: fold inputs into the Hessians as soon as the group is complete and drop
-        them, so a full-model pass never holds more than one group's activations."""
+        them, so a full-model pass never holds more than one group's activations.
+        `hessian_device`: where the Hessians live (default: with the inputs); "cpu" keeps them
+        in host memory while the model runs on an accelerator."""
         self.modules = modules
         self.stop = stop
         self.streaming = streaming
@@ -189,6 +192,7 @@ class GroupInputCatcher:
         self.hessians: dict[str, HessianAccumulator] = {}
         self.share: dict[str, str] = {}  # member -> member whose Hessian it shares
         self._dtype = hessian_dtype
+        self._hessian_device = hessian_device
         self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in modules.items()]
 
     def _hook(self, name: str):
@@ -229,7 +233,9 @@ class GroupInputCatcher:
                 raise RuntimeError(f"{name} shared its input with {prev} in one batch but not in another")
             if owner == name:
                 if name not in self.hessians:
-                    self.hessians[name] = HessianAccumulator(x.shape[-1], dtype=self._dtype, device=x.device)
+                    self.hessians[name] = HessianAccumulator(
+                        x.shape[-1], dtype=self._dtype, device=self._hessian_device or x.device
+                    )
                 self.hessians[name].add(x, None if paired is None else paired[name])
 
     def hessian(self, name: str) -> torch.Tensor:

@@ -18,6 +18,9 @@ class HessianAccumulator:
     """Running `2/N * X^T X` over every token fed to `add`."""
 
     def __init__(self, in_features: int, *, dtype: torch.dtype = torch.float32, device: str | None = None):
+        """`device` is where `H` lives. Inputs on another device (a GPU, with `H` in host memory)
+        are multiplied out where they are and only the [in, in] product travels, so a whole
+        model's Hessians can be accumulated off the accelerator (single-instance offload)."""
         if in_features < 1:
             raise ValueError(f"in_features must be positive, got {in_features}")
         self.H = torch.zeros(in_features, in_features, dtype=dtype, device=device)
@@ -39,15 +42,15 @@ class HessianAccumulator:
         m = x.shape[0]
         if m == 0:
             return
-        x = x.to(device=self.H.device, dtype=self.H.dtype)
         total = self.nsamples + m
         self.H.mul_(self.nsamples / total)
-        x = x * (2.0 / total) ** 0.5
-        if y is None:
-            self.H.addmm_(x.t(), x)
-        else:
-            y = y.reshape(-1, x.shape[-1]).to(device=self.H.device, dtype=self.H.dtype)
-            self.H.addmm_(x.t(), y * (2.0 / total) ** 0.5)
+        scale = (2.0 / total) ** 0.5
+        x = x.to(dtype=self.H.dtype) * scale
+        other = x if y is None else y.reshape(-1, x.shape[-1]).to(device=x.device, dtype=x.dtype) * scale
+        if x.device == self.H.device:
+            self.H.addmm_(x.t(), other)
+        else:  # offloaded: the product is formed where the inputs are, only [in, in] is copied
+            self.H.add_((x.t() @ other).to(self.H.device))
         self.nsamples = total
 
 

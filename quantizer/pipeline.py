@@ -73,12 +73,24 @@ class CalibrationConfig(BaseModel):
         "None = on for RPIQ (its closed loop across layers), off for GPTQ (GPTQ-classic)",
     )
 
+    offload_hessians: bool = Field(
+        False,
+        description="single-instance: keep every linear's running Hessian in host memory. Each batch's "
+        "X^T X is still formed on the device, and only that [in, in] product is copied, so the device "
+        "holds the model, one batch and one layer's Hessians at a time instead of the whole model's",
+    )
+
     @model_validator(mode="after")
-    def _compensate_is_sequential(self) -> CalibrationConfig:
+    def _options_fit_the_mode(self) -> CalibrationConfig:
         if self.compensate and self.mode != "sequential":
             raise ValueError(
                 "compensate applies to sequential calibration; single-instance already fits the "
                 "full-precision outputs through its kept batch"
+            )
+        if self.offload_hessians and self.mode != "single-instance":
+            raise ValueError(
+                "offload_hessians applies to single-instance calibration, the mode that holds every "
+                "layer's Hessians at once; sequential holds one layer's"
             )
         return self
 
@@ -405,16 +417,23 @@ def stream_hessians(
     layer_indices: range | list[int],
     device: torch.device,
     progress: bool = False,
+    hessian_device: torch.device | str | None = None,
 ) -> list[list[GroupInputCatcher]]:
     """Hessians of the chosen layers' linear groups from one streaming pass of the model as it is.
 
     Only one calibration window is resident at a time; returns, per chosen layer, one catcher
-    per linear group (`catcher.hessian(name)`), with its hooks already removed.
+    per linear group (`catcher.hessian(name)`), with its hooks already removed. The Hessians live
+    on `hessian_device` (default: where the model runs).
     """
     layers = adapter.layers(model)
     per_layer = [
         [
-            GroupInputCatcher({n: layers[i].get_submodule(n) for n in group}, stop=False, streaming=True)
+            GroupInputCatcher(
+                {n: layers[i].get_submodule(n) for n in group},
+                stop=False,
+                streaming=True,
+                hessian_device=hessian_device,
+            )
             for group in adapter.linear_groups
         ]
         for i in layer_indices
@@ -443,7 +462,9 @@ def _single_instance(model, adapter, calib, cfg, cal, device, done, finish_layer
     for layer in layers:
         layer.to(device)
     # Pass 1: every linear's Hessian from one streaming pass over the full-precision model.
-    by_layer = stream_hessians(model, adapter, calib, range(len(layers)), device, progress)
+    by_layer = stream_hessians(
+        model, adapter, calib, range(len(layers)), device, progress, "cpu" if cal.offload_hessians else None
+    )
 
     # Pass 2: the kept batch(es), through the full-precision and the partly quantized streams.
     fp_in = capture_first_layer_inputs(model, layers, _kept(calib, cal.instance_windows), device)

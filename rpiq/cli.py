@@ -76,6 +76,13 @@ def quantize(
             "default: on for rpiq, off for gptq",
         ),
     ] = None,
+    offload_hessians: Annotated[
+        bool,
+        typer.Option(
+            help="single-instance: keep every layer's Hessians in host memory, so the GPU holds the model and "
+            "one batch (each batch's X^T X is formed on the GPU; only the product is copied)"
+        ),
+    ] = False,
     calib_data: Annotated[
         str, typer.Option(help="text file, built-in 'calib', or 'images' (built-in image set, vision-language models)")
     ] = "calib",
@@ -159,7 +166,12 @@ def quantize(
             ),
             refine=RefineConfig(**refine_kw),
         )
-        calibration = CalibrationConfig(mode=calib.value, instance_windows=instance_windows, compensate=compensate)
+        calibration = CalibrationConfig(
+            mode=calib.value,
+            instance_windows=instance_windows,
+            compensate=compensate,
+            offload_hessians=offload_hessians,
+        )
         m, tok, where = load_fp_model(model, dtype, trust_remote_code=trust_remote_code)
         if calib_data == IMAGES:  # (image, question, answer) batches through the whole VLM
             windows, tok = image_calibration(m, where, tok, nsamples, seed)

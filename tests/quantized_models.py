@@ -72,4 +72,4 @@ def substituted(model: nn.Module, quantized: dict[str, QuantizedWeight], dtype: 
 def logits(model: nn.Module) -> torch.Tensor:
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        return model(ids).logits.float()
+        return model(ids.to(next(model.parameters()).device)).logits.float().cpu()

@@ -118,6 +118,7 @@ def test_bad_inference_options(args, message):
         (["--calib-data", "/no/such/file.txt"], "neither a built-in name"),
         (["--seqlen", "1000000"], "tokens"),
         (["--save-dtype", "int8"], "--save-dtype"),
+        (["--offload-hessians"], "offload_hessians applies to single-instance"),
     ],
 )
 def test_bad_options_give_a_clear_message_not_a_traceback(small_model_dir, tmp_path, args, message):

@@ -200,6 +200,20 @@ def test_int4_logits_match_the_dequantized_checkpoint(llama_ckpt):
     assert err < 2e-2, float(err)  # bf16 activations through two decoder layers
 
 
+@pytest.mark.cuda
+def test_checkpoint_loads_on_cuda_with_tinygemm_and_generates(llama_ckpt):
+    _, weights, path = llama_ckpt
+    loaded = load_quantized(path, device="cuda")
+    assert loaded.int4_kernels == {"tinygemm-cuda": len(weights)}
+    want = logits(dequantized_model(path))
+    got = logits(loaded)
+    err = (got - want).norm() / want.norm()
+    assert err < 2e-2, float(err)
+    ids = torch.tensor([[1, 5, 9, 2]], device="cuda")
+    first = loaded.generate(ids, max_new_tokens=6, do_sample=False)
+    assert first.shape[1] > ids.shape[1] and torch.equal(first, loaded.generate(ids, max_new_tokens=6, do_sample=False))
+
+
 def test_opt_biases_survive_int4_loading(tmp_path):
     model = tiny_opt()
     weights = quantize_linears(model, CFG)

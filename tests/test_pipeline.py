@@ -133,6 +133,8 @@ def test_compensation_lowers_the_whole_models_output_error(method):
 def test_compensation_is_only_for_sequential_calibration():
     with pytest.raises(ValueError, match="compensate applies to sequential"):
         CalibrationConfig(mode="single-instance", compensate=True)
+    with pytest.raises(ValueError, match="offload_hessians applies to single-instance"):
+        CalibrationConfig(mode="sequential", offload_hessians=True)
 
 
 def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
@@ -235,6 +237,39 @@ def test_quantize_on_cuda_matches_the_cpu_result_closely(mode):
         # Different float summation order may flip a rounding tie, never a pattern.
         assert (gpu.weights[name].codes.cpu() != qw.codes).float().mean() < 0.02, name
     assert gpu.total_loss == pytest.approx(cpu.total_loss, rel=0.05)
+
+
+@pytest.mark.cuda
+def test_offloaded_hessians_stay_on_the_host_and_free_the_gpu():
+    """Single-instance on a GPU with `offload_hessians`: every Hessian is accumulated in host
+    memory (the cross-device branch of `HessianAccumulator.add`), the codes match the
+    on-device run, and the GPU's peak memory is lower by about the model's Hessians."""
+    from quantizer.pipeline import stream_hessians
+
+    cfg = QuantConfig(method="rpiq", grid=GridConfig(bits=4, group_size=32), gptq=GPTQConfig(block_size=16))
+    calib = _calib(16, 64)
+    model = tiny_model("llama").cuda()
+    adapter = get_adapter(model)
+    layers = range(len(adapter.layers(model)))
+    on_gpu = stream_hessians(model, adapter, calib, layers, torch.device("cuda"))
+    on_host = stream_hessians(model, adapter, calib, layers, torch.device("cuda"), hessian_device="cpu")
+    for gpu_layer, host_layer in zip(on_gpu, on_host, strict=True):
+        for g, h in zip(gpu_layer, host_layer, strict=True):
+            for name in g.modules:
+                assert h.hessian(name).device.type == "cpu" and h.tokens(name) == g.tokens(name)
+                torch.testing.assert_close(h.hessian(name), g.hessian(name).cpu(), rtol=1e-4, atol=1e-6)
+    del on_gpu, on_host, model
+
+    peaks, results = {}, {}
+    for offload in (False, True):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        cal = CalibrationConfig(mode="single-instance", offload_hessians=offload)
+        results[offload] = quantize_model(tiny_model("llama"), calib, cfg, cal, device="cuda", progress=False)
+        peaks[offload] = torch.cuda.max_memory_allocated()
+    for name, qw in results[False].weights.items():
+        assert (results[True].weights[name].codes.cpu() != qw.codes.cpu()).float().mean() < 0.02, name
+    assert peaks[True] < peaks[False], peaks
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])  # tied head (llama here) and OPT's tied head
