@@ -11,7 +11,7 @@ import torch
 from models.adapters import LLAMA_LIKE_GROUPS, UnsupportedModelError, discover_adapter, get_adapter
 from quantizer.capture import capture_first_layer_inputs, run_layer
 from quantizer.config import GPTQConfig, GridConfig, QuantConfig, RefineConfig
-from quantizer.pipeline import CalibrationConfig, quantize_model
+from quantizer.pipeline import CalibrationConfig, ModelQuantization, quantize_model
 from tests.tiny_models import CONFIGS, VOCAB, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -225,6 +225,27 @@ def test_single_instance_blended_residual_never_raises_its_objective():
     assert moved > 0  # the instance residual did change codes somewhere
 
 
+def _assert_same_quality(want: ModelQuantization, got: ModelQuantization) -> None:
+    """Two runs that differ only in float rounding (device, where the Hessians were summed).
+
+    Layer 0 sees the same inputs in both: only summation order differs, and no code flipped on
+    an H200. Later layers get inputs that differ by float noise, and their codes are chaotic in
+    it (on CPU, 1e-5 relative noise on layer 1's inputs flips 18 % of a down_proj's codes) while
+    every linear's loss moves by under 6 % at up to 1e-3 noise: those layers are held to the same
+    quality, not the same bits.
+    """
+    assert sorted(got.weights) == sorted(want.weights)
+    flips = {n: float((got.weights[n].codes.cpu() != qw.codes.cpu()).float().mean()) for n, qw in want.weights.items()}
+    for name, flipped in flips.items():
+        if ".layers.0." in name:
+            assert flipped < 0.02, (name, flips)
+    losses = {r.name: r.loss_final for r in want.reports}
+    pairs = {r.name: (losses[r.name], r.loss_final) for r in got.reports}
+    for name, (a, b) in pairs.items():
+        assert b == pytest.approx(a, rel=0.15), (name, pairs)
+    assert got.total_loss == pytest.approx(want.total_loss, rel=0.05), pairs
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", ["sequential", "single-instance"])
 def test_quantize_on_cuda_matches_the_cpu_result_closely(mode):
@@ -232,18 +253,14 @@ def test_quantize_on_cuda_matches_the_cpu_result_closely(mode):
     calib = _calib()
     cpu = quantize_model(tiny_model("llama"), calib, cfg, CalibrationConfig(mode=mode), progress=False)
     gpu = quantize_model(tiny_model("llama"), calib, cfg, CalibrationConfig(mode=mode), device="cuda", progress=False)
-    assert sorted(gpu.weights) == sorted(cpu.weights)
-    for name, qw in cpu.weights.items():
-        # Different float summation order may flip a rounding tie, never a pattern.
-        assert (gpu.weights[name].codes.cpu() != qw.codes).float().mean() < 0.02, name
-    assert gpu.total_loss == pytest.approx(cpu.total_loss, rel=0.05)
+    _assert_same_quality(cpu, gpu)
 
 
 @pytest.mark.cuda
 def test_offloaded_hessians_stay_on_the_host_and_free_the_gpu():
     """Single-instance on a GPU with `offload_hessians`: every Hessian is accumulated in host
-    memory (the cross-device branch of `HessianAccumulator.add`), the codes match the
-    on-device run, and the GPU's peak memory is lower by about the model's Hessians."""
+    memory (the cross-device branch of `HessianAccumulator.add`), the result matches the
+    on-device run's, and the GPU's peak memory is lower by about the model's Hessians."""
     from quantizer.pipeline import stream_hessians
 
     cfg = QuantConfig(method="rpiq", grid=GridConfig(bits=4, group_size=32), gptq=GPTQConfig(block_size=16))
@@ -267,8 +284,7 @@ def test_offloaded_hessians_stay_on_the_host_and_free_the_gpu():
         cal = CalibrationConfig(mode="single-instance", offload_hessians=offload)
         results[offload] = quantize_model(tiny_model("llama"), calib, cfg, cal, device="cuda", progress=False)
         peaks[offload] = torch.cuda.max_memory_allocated()
-    for name, qw in results[False].weights.items():
-        assert (results[True].weights[name].codes.cpu() != qw.codes.cpu()).float().mean() < 0.02, name
+    _assert_same_quality(results[False], results[True])
     assert peaks[True] < peaks[False], peaks
 
 
