@@ -1,14 +1,17 @@
 """Vision-language serving on CPU: weight memory, peak RSS and /v1/vqa latency, 16-bit vs int4.
 
-The model has SmolVLM-256M-Instruct's shapes (Idefics3: SigLIP-B/16 vision tower at 512 px, pixel
-shuffle x4 into 64 image tokens, a 30-layer 576-wide Llama language tower), written out below, with
-random weights: nothing is downloaded, the tokenizer is the embedded SmolLM2's (SmolVLM's language
-tower is SmolLM2-135M) plus SmolVLM's image tokens. Random weights answer noise, but memory and
-speed depend only on shapes. Images are one 512 px tile (no image splitting: what a CPU deployment
-configures; the real processor's 4x4 tiles cost 17x the vision work).
+The model has the shapes of SmolVLM-256M-Instruct (default; Idefics3: SigLIP-B/16 vision tower at
+512 px, pixel shuffle x4 into 64 image tokens, a 30-layer 576-wide Llama language tower) or of
+SmolVLM-Instruct, 2.2B (`--shape smolvlm-2.2b`: SigLIP so400m at 384 px, 81 image tokens,
+SmolLM2-1.7B's 24-layer 2048-wide tower), written out below, with random weights: nothing is
+downloaded, the tokenizer is the embedded SmolLM2's (SmolVLM's language towers are SmolLM2s) plus
+SmolVLM's image tokens. Random weights answer noise, but memory and speed depend only on shapes.
+Images are one tile (no image splitting: what a CPU deployment configures; the real processor's
+4x4 tiles cost 17x the vision work).
 
     python benchmarks/vlm.py                       # GPTQ with 4 image samples, 3 requests per variant
     python benchmarks/vlm.py --requests 5 --max-tokens 32 --threads 2
+    python benchmarks/vlm.py --shape smolvlm-2.2b  # the largest SmolVLM; about 9 GB while quantizing
 
 Steps: build and save the 16-bit model directory with its processor; quantize the language tower
 (`--method`, 4-bit, group 128; vision tower too with `--quantize-vision`) on the built-in image set;
@@ -18,7 +21,8 @@ answers one warm-up and `--requests` VQA requests. Peak RSS is the server proces
 (clean page cache the kernel can drop), so anonymous memory (RssAnon, what the process allocated) is
 recorded too: the 16-bit model runs straight from its mmapped safetensors, the int4 loader copies what
 it reads and keeps the files mapped until it has finished. `--reuse` keeps the model directories of an
-earlier run in `--workdir`. JSON goes to benchmarks/results/vlm_cpu.json.
+earlier run in `--workdir`. JSON goes to benchmarks/results/vlm_cpu.json (vlm_cpu_<shape>.json for
+another shape).
 """
 
 from __future__ import annotations
@@ -41,17 +45,33 @@ import torch
 from memory import peak_rss_mb
 from serve import REPO, Server
 
-# SmolVLM-256M-Instruct's config.json numbers (HuggingFaceTB/SmolVLM-256M-Instruct).
-TEXT = dict(
-    model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-    num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-)  # fmt: skip
-VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=512,
-              patch_size=16)  # fmt: skip
-VOCAB = 49280
-SCALE_FACTOR = 4
-IMAGE_SEQ_LEN = (VISION["image_size"] // VISION["patch_size"]) ** 2 // SCALE_FACTOR**2  # 64
+# config.json numbers of the real models (HuggingFaceTB/SmolVLM-256M-Instruct, HuggingFaceTB/SmolVLM-Instruct).
+SHAPES: dict[str, dict[str, Any]] = {
+    "smolvlm-256m": dict(
+        text=dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                  num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False),
+        vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                    image_size=512, patch_size=16),
+        vocab=49280, scale_factor=4,
+    ),
+    # 2.2B: SmolLM2-1.7B's tower and SigLIP so400m at 384 px, 81 image tokens per tile.
+    "smolvlm-2.2b": dict(
+        text=dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=16384,
+                  rope_theta=273768.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
+        vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                    image_size=384, patch_size=14),
+        vocab=49155, scale_factor=3,
+    ),
+}  # fmt: skip
+
+
+def image_seq_len(shape: dict[str, Any]) -> int:
+    v = shape["vision"]
+    return (v["image_size"] // v["patch_size"]) ** 2 // shape["scale_factor"] ** 2  # 64 (256M), 81 (2.2B)
+
+
 SPECIAL = ["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"]
 TEMPLATE = (  # SmolVLM's chat template
     "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
@@ -62,27 +82,28 @@ TEMPLATE = (  # SmolVLM's chat template
 )
 
 
-def processor() -> Any:
+def processor(shape: dict[str, Any]) -> Any:
     from transformers import AutoTokenizer, Idefics3ImageProcessor, Idefics3Processor
 
     from models.embedded import ensure_default_model
 
     tok = AutoTokenizer.from_pretrained(ensure_default_model())
     tok.add_special_tokens({"additional_special_tokens": SPECIAL})
-    size = {"longest_edge": VISION["image_size"]}
+    size = {"longest_edge": shape["vision"]["image_size"]}
     images = Idefics3ImageProcessor(size=size, max_image_size=size, do_image_splitting=False)
-    return Idefics3Processor(images, tok, image_seq_len=IMAGE_SEQ_LEN, chat_template=TEMPLATE)
+    return Idefics3Processor(images, tok, image_seq_len=image_seq_len(shape), chat_template=TEMPLATE)
 
 
-def build_model(proc: Any) -> Any:
+def build_model(proc: Any, shape: dict[str, Any]) -> Any:
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration
 
     tok = proc.tokenizer
-    vocab = max(VOCAB, len(tok))
+    vocab = max(shape["vocab"], len(tok))
     config = Idefics3Config(
-        text_config=dict(TEXT, vocab_size=vocab, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        text_config=dict(shape["text"], vocab_size=vocab, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id),
-        vision_config=VISION, scale_factor=SCALE_FACTOR, image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_config=shape["vision"], scale_factor=shape["scale_factor"],
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
         tie_word_embeddings=False,
     )  # fmt: skip
     torch.manual_seed(0)
@@ -188,6 +209,7 @@ def serve(model_dir: Path, variant: str, dtype: str, args: argparse.Namespace, l
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="smolvlm-256m", choices=list(SHAPES), help="whose config.json numbers")
     ap.add_argument("--method", default="gptq", choices=["rtn", "gptq", "rpiq"])
     ap.add_argument("--nsamples", type=int, default=4, help="image calibration samples")
     ap.add_argument("--quantize-vision", action="store_true", help="also quantize the vision tower")
@@ -196,17 +218,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads in the servers")
     ap.add_argument("--workdir", default=None, help="where the model directories go (default: a temp dir)")
     ap.add_argument("--reuse", action="store_true", help="keep the model directories already in --workdir")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "vlm_cpu.json"))
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/vlm_cpu.json (256M), vlm_cpu_<shape>.json")
     args = ap.parse_args()
+    shape = SHAPES[args.shape]
+    suffix = "" if args.shape == "smolvlm-256m" else f"_{args.shape}"
+    args.out = args.out or str(REPO / "benchmarks" / "results" / f"vlm_cpu{suffix}.json")
 
     from models.checkpoint import checkpoint_bytes
     from models.int4 import load_quantized, model_weight_bytes
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="rpiq-vlm-bench-"))
-    fp_dir, int4_dir = work / "smolvlm-256m-shaped", work / f"smolvlm-256m-shaped-{args.method}-w4g128"
-    proc = processor()
+    fp_dir, int4_dir = work / f"{args.shape}-shaped", work / f"{args.shape}-shaped-{args.method}-w4g128"
+    proc = processor(shape)
     t0 = time.perf_counter()
-    model = build_model(proc)
+    model = build_model(proc, shape)
     counts = param_counts(model)
     fp16_bytes = 2 * counts["total"]
     reuse = args.reuse and (fp_dir / "config.json").is_file() and (int4_dir / "config.json").is_file()
@@ -227,7 +252,7 @@ def main() -> None:
     results: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "load_avg_at_start": os.getloadavg()},
-        "args": vars(args), "shape": {"text": TEXT, "vision": VISION, "vocab": VOCAB, "image_tokens": IMAGE_SEQ_LEN},
+        "args": vars(args), "shape": {"name": args.shape, **shape, "image_tokens": image_seq_len(shape)},
         "parameters": counts, "quantization": quant,
         "weights_bytes": {"bf16": fp16_bytes, "int4": int4_bytes},
         "checkpoint_bytes": {"bf16": checkpoint_bytes(fp_dir), "int4": checkpoint_bytes(int4_dir)},
@@ -244,7 +269,8 @@ def main() -> None:
 
 def print_table(results: dict[str, Any]) -> None:
     mb = 2**20
-    print(f"\nSmolVLM-256M-shaped ({results['parameters']['total'] / 1e6:.1f} M parameters), "
+    print(f"\n{results['shape'].get('name', 'smolvlm-256m')}-shaped ({results['parameters']['total'] / 1e6:.1f} M "
+          "parameters), "
           f"{results['machine']['cpus']} CPUs, max_tokens {results['args']['max_tokens']}")  # fmt: skip
     print("| variant | weights MiB | checkpoint MiB | anon RSS loaded MiB | anon RSS after MiB | peak RSS (VmHWM) MiB "
           "| /v1/vqa median s | generate median s | tokens/s |")  # fmt: skip
