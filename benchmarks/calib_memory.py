@@ -15,6 +15,7 @@ peak is VmHWM.
     python benchmarks/calib_memory.py --device cuda                  # SmolLM2-135M shapes, 128 x 2048
     python benchmarks/calib_memory.py --shape qwen2.5-0.5b --nsamples 64
     python benchmarks/calib_memory.py --device cpu --nsamples 16 --seqlen 512
+    python benchmarks/calib_memory.py --device cpu --layers 2 --modes gptq-sequential   # activations dominate
 
 Prints a table and saves JSON (default benchmarks/results/calib_memory_<device>.json).
 """
@@ -65,6 +66,8 @@ def _run(shape: str, mode: str, args: dict[str, Any], queue: mp.Queue) -> None:
     from quantizer.pipeline import CalibrationConfig, quantize_model
 
     spec = dict(SHAPES[shape])
+    if args["layers"]:
+        spec["num_hidden_layers"] = args["layers"]
     config = AutoConfig.for_model(spec.pop("model_type"), **spec)
     torch.manual_seed(0)
     dtype = getattr(torch, args["dtype"])
@@ -120,6 +123,7 @@ def main() -> None:
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers (a quick probe)")
     ap.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
@@ -127,7 +131,7 @@ def main() -> None:
     unknown = [s for s in shapes if s not in SHAPES] + [m for m in modes if m not in MODES]
     if unknown:
         ap.error(f"unknown shape or mode: {', '.join(unknown)}")
-    args = dict(device=a.device, nsamples=a.nsamples, seqlen=a.seqlen,
+    args = dict(device=a.device, nsamples=a.nsamples, seqlen=a.seqlen, layers=a.layers,
                 dtype=a.dtype or ("bfloat16" if a.device == "cuda" else "float32"))  # fmt: skip
     out = a.out or RESULTS / f"calib_memory_{a.device}.json"
 

@@ -402,9 +402,13 @@ def _sequential(model, adapter, calib, cfg, cal, device, done, finish_layer, pro
                 layer_weights.update(w)
                 layer_reports.extend(r)
             finish_layer(index, layer_weights, layer_reports)
-        if fp_hidden is not None:
-            fp_hidden = [run_layer(fp_layer, h, *reversed(inputs.call(b, index))) for b, h in enumerate(fp_hidden)]
-        inputs.hidden = [run_layer(layer, h, *reversed(inputs.call(b, index))) for b, h in enumerate(inputs.hidden)]
+        # Each window's hidden state is replaced as soon as its successor exists, so a stream
+        # never holds two full sets of them at once.
+        for b in range(len(inputs.hidden)):
+            args, kwargs = inputs.call(b, index)
+            if fp_hidden is not None:
+                fp_hidden[b] = run_layer(fp_layer, fp_hidden[b], kwargs, args)
+            inputs.hidden[b] = run_layer(layer, inputs.hidden[b], kwargs, args)
         del fp_layer
         if device.type != "cpu":
             layer.to("cpu")
