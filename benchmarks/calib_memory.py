@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from memory import peak_rss_mb
+from memory import in_child, peak_rss_mb
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -57,7 +57,8 @@ MODES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def _run(shape: str, mode: str, args: dict[str, Any], queue: mp.Queue) -> None:
+def _run(job: tuple[str, str, dict[str, Any]]) -> dict[str, Any]:
+    shape, mode, args = job
     sys.path.insert(0, str(REPO))
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -81,29 +82,24 @@ def _run(shape: str, mode: str, args: dict[str, Any], queue: mp.Queue) -> None:
     t0 = time.perf_counter()
     result = quantize_model(model, calib, cfg, CalibrationConfig(**cal), device=args["device"], progress=False)
     seconds = time.perf_counter() - t0
-    queue.put(
-        dict(
-            shape=shape,
-            mode=mode,
-            seconds=round(seconds, 1),
-            gpu_peak_mib=round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None,
-            host_peak_mib=round(peak_rss_mb()),
-            weights_mib=round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20),
-            linears=len(result.weights),
-            total_loss=result.total_loss,
-        )
+    return dict(
+        shape=shape,
+        mode=mode,
+        seconds=round(seconds, 1),
+        gpu_peak_mib=round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None,
+        host_peak_mib=round(peak_rss_mb()),
+        weights_mib=round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20),
+        linears=len(result.weights),
+        total_loss=result.total_loss,
     )
 
 
 def run_one(shape: str, mode: str, args: dict[str, Any]) -> dict[str, Any]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    child = ctx.Process(target=_run, args=(shape, mode, args, queue))
-    child.start()
-    child.join()
-    if child.exitcode != 0:
-        return dict(shape=shape, mode=mode, error=f"child exited with {child.exitcode}")
-    return queue.get()
+    """One mode in its own process; a failure (e.g. out of GPU memory) becomes a row, not the end."""
+    try:
+        return in_child(_run, (shape, mode, args))
+    except Exception as e:
+        return dict(shape=shape, mode=mode, error=f"{type(e).__name__}: {e}")
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:

@@ -27,7 +27,7 @@ import platform
 import time
 from pathlib import Path
 
-from memory import peak_rss_mb
+from memory import in_child, peak_rss_mb
 
 RESULTS = Path(__file__).parent / "results"
 CACHE = Path.home() / ".cache" / "rpiq" / "bench"
@@ -269,12 +269,6 @@ def _ensure_checkpoint(path: Path, lm_head: bool) -> Path:
 # --------------------------------------------------------------------------- driver
 
 
-def _in_child(fn, arg):
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(1, maxtasksperchild=1) as pool:
-        return pool.apply(fn, (arg,))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["layers", "model", "all"], default="all")
@@ -307,12 +301,12 @@ def main() -> None:
         for size in args.sizes.split(","):
             for fmt in [*dense, "int4"]:
                 job = {"size": size, "format": fmt, "device": args.device, "batches": batches}
-                result["layers"].extend(_in_child(_layers_job, job))
+                result["layers"].extend(in_child(_layers_job, job))
         _layers_table(console, Table, result["layers"], bandwidth)
 
     if args.part in ("model", "all"):
-        ckpt = _in_child(_ensure_checkpoint_job, (str(args.checkpoint), False))
-        ckpt_head = _in_child(_ensure_checkpoint_job, (str(args.checkpoint_lm_head), True))
+        ckpt = in_child(_ensure_checkpoint_job, (str(args.checkpoint), False))
+        ckpt_head = in_child(_ensure_checkpoint_job, (str(args.checkpoint_lm_head), True))
         fp_dir = str(resolve_model(None))
         short = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
         configs = [(short[d], fp_dir) for d in dense] + [("int4", ckpt), ("int4+head", ckpt_head)]
@@ -321,7 +315,7 @@ def main() -> None:
             "new_tokens": args.new_tokens, "ppl_windows": args.ppl_windows,
         }  # fmt: skip
         for fmt, path in configs:
-            row = _in_child(_model_job, {**base, "format": fmt, "path": path})
+            row = in_child(_model_job, {**base, "format": fmt, "path": path})
             console.print({k: row[k] for k in ("format", "weight_mb", "peak_rss_mb") if k in row})
             result["model"].append(row)
         _model_table(console, Table, result["model"], bandwidth, batches)

@@ -8,8 +8,11 @@ high-water mark of this process's own address space, which exec starts afresh.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import resource
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def peak_rss_mb(pid: int | None = None) -> float:
@@ -23,3 +26,12 @@ def peak_rss_mb(pid: int | None = None) -> float:
     if pid is not None:
         raise OSError(f"no /proc/{pid}/status: cannot read another process's peak memory here")
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def in_child(fn: Callable[[Any], Any], arg: Any) -> Any:
+    """`fn(arg)` in a fresh "spawn" child process, so its peak memory (VmHWM) is its own.
+
+    `fn` must be importable by the child (a module-level function); its exceptions re-raise here.
+    """
+    with mp.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        return pool.apply(fn, (arg,))

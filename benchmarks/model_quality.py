@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from memory import peak_rss_mb
+from memory import in_child, peak_rss_mb
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -107,10 +107,8 @@ def main() -> None:
     for w in [float(x) for x in args.instance_weights.split(",") if x]:
         jobs.append({**base, "method": "rpiq", "bits": first_bits, "calib": "single-instance", "instance_weight": w})
     rows = []
-    ctx = mp.get_context("spawn")
     for job in jobs:
-        with ctx.Pool(1, maxtasksperchild=1) as pool:
-            row = pool.apply(_one, (job,))
+        row = in_child(_one, job)
         rows.append(row)
         console.print({k: row[k] for k in ("method", "bits", "calib", "ppl", "quantize_seconds", "layer_loss_sum")})
 

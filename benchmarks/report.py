@@ -35,7 +35,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-from memory import peak_rss_mb
+from memory import in_child, peak_rss_mb
 
 ROOT = Path(__file__).resolve().parent.parent
 REF_PYTHON = ROOT / ".venv-ref" / "bin" / "python"
@@ -136,12 +136,6 @@ def reference_job(job: dict) -> dict | None:
         row[f"ppl_{job['evals'][1]}"] = ref["ppl_eval2"]
     row["grid_check_passed"] = ref.get("grid_check", {}).get("passed")
     return row
-
-
-def _in_child(fn, arg):
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(1, maxtasksperchild=1) as pool:
-        return pool.apply(fn, (arg,))
 
 
 # --------------------------------------------------------------------------- ablation (in process)
@@ -450,14 +444,14 @@ def main() -> None:
                 record(fut.result())
     else:
         for j in jobs:
-            record(reference_job(j) if j["method"] == "gptq-ref" else _in_child(quality_job, j))
+            record(reference_job(j) if j["method"] == "gptq-ref" else in_child(quality_job, j))
     summary = summarize(rows, evals)
     report: dict = {"rows": rows, "summary": summary, "verdicts": verdicts(summary, evals)}
     for part in ("ablation", "inference"):
         if part in previous:
             report[part] = previous[part]
     if not args.no_ablation:
-        report["ablation"] = _in_child(_ablation_job, (model, args.nsamples, args.seqlen, args.ablation_layer))
+        report["ablation"] = in_child(_ablation_job, (model, args.nsamples, args.seqlen, args.ablation_layer))
     if not args.no_inference:
         report["inference"] = _inference(model)
     report["meta"] = {
@@ -497,10 +491,10 @@ def _inference(model: str) -> list[dict]:
     sys.path.insert(0, str(Path(__file__).parent))
     import decode
 
-    ckpt = _in_child(decode._ensure_checkpoint_job, (str(decode.CACHE / "smollm2-gptq-w4g128"), False))
+    ckpt = in_child(decode._ensure_checkpoint_job, (str(decode.CACHE / "smollm2-gptq-w4g128"), False))
     job = {"device": "cpu", "batches": [1, 8], "prompt_tokens": 128, "new_tokens": 32, "ppl_windows": 0}
     return [
-        _in_child(decode._model_job, {**job, "format": fmt, "path": path})
+        in_child(decode._model_job, {**job, "format": fmt, "path": path})
         for fmt, path in (("fp32", model), ("bf16", model), ("int4", ckpt))
     ]
 

@@ -269,7 +269,7 @@ def main() -> None:
 
 def print_table(results: dict[str, Any]) -> None:
     mb = 2**20
-    print(f"\n{results['shape'].get('name', 'smolvlm-256m')}-shaped ({results['parameters']['total'] / 1e6:.1f} M "
+    print(f"\n{results['shape']['name']}-shaped ({results['parameters']['total'] / 1e6:.1f} M "
           "parameters), "
           f"{results['machine']['cpus']} CPUs, max_tokens {results['args']['max_tokens']}")  # fmt: skip
     print("| variant | weights MiB | checkpoint MiB | anon RSS loaded MiB | anon RSS after MiB | peak RSS (VmHWM) MiB "
