@@ -168,7 +168,9 @@ def _quantize_weight(
         if instance is None or cfg.refine.instance_weight == 0:
             residual = HessianResidual(Wp, Q, H0p)
         else:
-            Xq, Y = instance.Xq.to(device)[:, perm], instance.Y.to(device)
+            Xq, Y = instance.Xq.to(device), instance.Y.to(device)
+            if act:  # working column order (an identity permutation would only copy Xq)
+                Xq = Xq[:, perm]
             residual = InstanceResidual(Wp, Q, H0p, Xq, Y, cfg.refine.instance_weight)
         outcome = refine(
             Wp,

@@ -135,8 +135,8 @@ def _batches(calib: Calibration) -> list[Batch]:
 
 
 def _kept(calib: Calibration, windows: int) -> list[Batch]:
-    """single-instance: the resident batch(es); text windows are stacked into one batch."""
-    return [calib[-windows:]] if isinstance(calib, torch.Tensor) else list(calib[-windows:])
+    """single-instance: the kept windows (or multimodal samples), one forward each."""
+    return _batches(calib[-windows:])
 
 
 def _digest(calib: Calibration) -> torch.Tensor | str:
@@ -348,7 +348,7 @@ def _quantize_group(
     prefix: str,
     catcher: GroupInputCatcher,
     cfg: QuantConfig,
-    instances: dict[str, Instance] | None,
+    instances: _InstanceRows | None,
     adapter: ModelAdapter,
     cross: GroupInputCatcher | None = None,
 ) -> tuple[dict[str, QuantizedWeight], list[LayerReport]]:
@@ -470,9 +470,10 @@ def _single_instance(model, adapter, calib, cfg, cal, device, done, finish_layer
         model, adapter, calib, range(len(layers)), device, progress, "cpu" if cal.offload_hessians else None
     )
 
-    # Pass 2: the kept batch(es), through the full-precision and the partly quantized streams.
+    # Pass 2: the kept windows, one at a time, through the full-precision and the partly
+    # quantized streams (one forward's activations at a time, not the whole kept batch's).
     fp_in = capture_first_layer_inputs(model, layers, _kept(calib, cal.instance_windows), device)
-    fp_hidden = fp_in.hidden
+    fp_hidden, fp_in.hidden = fp_in.hidden, []
     q_hidden = [h.clone() for h in fp_hidden]
     for index, layer in enumerate(layers):
         calls = [fp_in.call(b, index) for b in range(len(fp_hidden))]
@@ -480,13 +481,15 @@ def _single_instance(model, adapter, calib, cfg, cal, device, done, finish_layer
         # Full-precision inputs of every linear, and the layer's full-precision output.
         all_linears = {n: layer.get_submodule(n) for n in adapter.linear_names()}
         fp_catch = GroupInputCatcher(all_linears, stop=False)
-        fp_out, fp_inputs = [], []
+        fp_out, per_window = [], []
         try:
             for h, (args, kwargs) in zip(fp_hidden, calls, strict=True):
                 fp_out.append(run_layer(layer, h, kwargs, args))
-                fp_inputs.append(dict(fp_catch.inputs))
+                per_window.append(dict(fp_catch.inputs))
         finally:
             fp_catch.remove()
+        fp_hidden = None  # replaced by fp_out below; dropping it now keeps one full-precision stream
+        fp_rows = _rows_by_input(per_window)
         if index in done:
             _apply_done(layer, prefix, done[index][0])
         else:
@@ -494,22 +497,64 @@ def _single_instance(model, adapter, calib, cfg, cal, device, done, finish_layer
             for group, catcher in zip(adapter.linear_groups, by_layer[index], strict=True):
                 q_catch = GroupInputCatcher({n: layer.get_submodule(n) for n in group})
                 try:
-                    xq = [q_catch.run(layer, h, kw, args) for h, (args, kw) in zip(q_hidden, calls, strict=True)]
+                    xq = [dict(q_catch.run(layer, h, kw, args)) for h, (args, kw) in zip(q_hidden, calls, strict=True)]
                 finally:
                     q_catch.remove()
-                instances = {}
-                for name, module in catcher.modules.items():
-                    rows = module.in_features
-                    x_fp = torch.cat([x[name].reshape(-1, rows).float() for x in fp_inputs])
-                    y = x_fp @ module.weight.float().t()
-                    instances[name] = Instance(Xq=torch.cat([x[name].reshape(-1, rows).float() for x in xq]), Y=y)
-                w, r = _quantize_group(layer, prefix, catcher, cfg, instances, adapter)
+                instance = _InstanceRows(catcher.modules, fp_rows, _rows_by_input(xq))
+                w, r = _quantize_group(layer, prefix, catcher, cfg, instance, adapter)
+                del instance
+                for name in group:  # this group's full-precision inputs are no longer needed
+                    fp_rows.pop(name, None)
+                release_freed_memory()
                 layer_weights.update(w)
                 layer_reports.extend(r)
             finish_layer(index, layer_weights, layer_reports)
         by_layer[index] = []  # this layer's Hessians are no longer needed
-        q_hidden = [run_layer(layer, h, kwargs, args) for h, (args, kwargs) in zip(q_hidden, calls, strict=True)]
+        del fp_rows
+        for b, (args, kwargs) in enumerate(calls):
+            q_hidden[b] = run_layer(layer, q_hidden[b], kwargs, args)
         fp_hidden = fp_out
     if device.type != "cpu":
         for layer in layers:
             layer.to("cpu")
+
+
+def _rows_by_input(per_window: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Each linear's inputs over all kept windows as one [rows, in] float matrix, consuming `per_window`.
+
+    Linears fed the very same tensor (q/k/v, gate/up) get the very same matrix, and each
+    window's pieces are dropped as soon as their concatenation exists, so the rows are held once.
+    """
+    rows: dict[str, torch.Tensor] = {}
+    for name in list(per_window[0]) if per_window else []:
+        if name in rows:
+            continue
+        first = per_window[0][name]
+        sharing = [n for n in per_window[0] if per_window[0][n] is first]
+        pieces = [window[name].reshape(-1, first.shape[-1]).float() for window in per_window]
+        for window in per_window:
+            for n in sharing:
+                window.pop(n)
+        merged = torch.cat(pieces)
+        del pieces
+        for n in sharing:
+            rows[n] = merged
+    per_window.clear()
+    return rows
+
+
+class _InstanceRows:
+    """The kept windows' rows for each member of a linear group, and `Y` built when a member is quantized.
+
+    A member's full-precision output `Y` exists only while that member is quantized, so a group
+    never holds more than one `Y` besides its shared inputs.
+    """
+
+    def __init__(
+        self, modules: Mapping[str, nn.Linear], fp_rows: dict[str, torch.Tensor], xq_rows: dict[str, torch.Tensor]
+    ):
+        self._modules, self._fp, self._xq = modules, fp_rows, xq_rows
+
+    def get(self, name: str) -> Instance:
+        Y = self._fp[name] @ self._modules[name].weight.float().t()
+        return Instance(Xq=self._xq[name], Y=Y)
