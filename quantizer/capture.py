@@ -164,60 +164,28 @@ def run_layer(
     return out[0] if isinstance(out, tuple | list) else out
 
 
-class GroupInputCatcher:
-    """Hooks on the linears of one group: collects their inputs, stops the forward when done.
+class GroupHessians:
+    """The Hessians of one linear group, keyed by member.
 
     Linears that receive the very same input tensor (q/k/v, gate/up) share one Hessian, so a
-    group costs one `X^T X` however many members it has.
+    group costs one `X^T X` however many members it has. Kept apart from the hooks that feed
+    it, so that finished Hessians can be stored and read back (`quantizer.hessian_store`).
     """
 
     def __init__(
         self,
         modules: dict[str, nn.Linear],
         *,
-        stop: bool = True,
-        streaming: bool = False,
         hessian_dtype: torch.dtype = torch.float32,
         hessian_device: torch.device | str | None = None,
     ):
-        """`stop`: end the forward once every member has its input (nothing after is needed).
-        `streaming`: fold inputs into the Hessians as soon as the group is complete and drop
-        them, so a full-model pass never holds more than one group's activations.
-        `hessian_device`: where the Hessians live (default: with the inputs); "cpu" keeps them
-        in host memory while the model runs on an accelerator."""
+        """`hessian_device`: where the Hessians live (default: with the inputs); "cpu" keeps
+        them in host memory while the model runs on an accelerator."""
         self.modules = modules
-        self.stop = stop
-        self.streaming = streaming
-        self.inputs: dict[str, torch.Tensor] = {}
         self.hessians: dict[str, HessianAccumulator] = {}
         self.share: dict[str, str] = {}  # member -> member whose Hessian it shares
         self._dtype = hessian_dtype
         self._hessian_device = hessian_device
-        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in modules.items()]
-
-    def _hook(self, name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            self.inputs[name] = args[0]
-            if len(self.inputs) == len(self.modules):
-                if self.streaming:
-                    self.accumulate(self.inputs)
-                    self.inputs = {}
-                if self.stop:
-                    raise StopForward
-
-        return hook
-
-    def run(
-        self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], args: tuple[Any, ...] = ()
-    ) -> dict[str, torch.Tensor]:
-        """One forward of `layer` (stopped early once every member has its input)."""
-        self.inputs = {}
-        with contextlib.suppress(StopForward):
-            run_layer(layer, hidden, kwargs, args)
-        missing = set(self.modules) - set(self.inputs)
-        if missing:
-            raise RuntimeError(f"linears {sorted(missing)} were not called by the layer's forward")
-        return self.inputs
 
     def accumulate(self, inputs: dict[str, torch.Tensor], paired: dict[str, torch.Tensor] | None = None) -> None:
         """Fold one batch's inputs into the (shared where possible) Hessians.
@@ -244,6 +212,52 @@ class GroupInputCatcher:
     def tokens(self, name: str) -> int:
         """How many input rows (tokens) `name`'s Hessian was computed from."""
         return self.hessians[self.share[name]].nsamples
+
+
+class GroupInputCatcher(GroupHessians):
+    """Hooks on the linears of one group: collects their inputs, stops the forward when done."""
+
+    def __init__(
+        self,
+        modules: dict[str, nn.Linear],
+        *,
+        stop: bool = True,
+        streaming: bool = False,
+        hessian_dtype: torch.dtype = torch.float32,
+        hessian_device: torch.device | str | None = None,
+    ):
+        """`stop`: end the forward once every member has its input (nothing after is needed).
+        `streaming`: fold inputs into the Hessians as soon as the group is complete and drop
+        them, so a full-model pass never holds more than one group's activations."""
+        super().__init__(modules, hessian_dtype=hessian_dtype, hessian_device=hessian_device)
+        self.stop = stop
+        self.streaming = streaming
+        self.inputs: dict[str, torch.Tensor] = {}
+        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in modules.items()]
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            self.inputs[name] = args[0]
+            if len(self.inputs) == len(self.modules):
+                if self.streaming:
+                    self.accumulate(self.inputs)
+                    self.inputs = {}
+                if self.stop:
+                    raise StopForward
+
+        return hook
+
+    def run(
+        self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], args: tuple[Any, ...] = ()
+    ) -> dict[str, torch.Tensor]:
+        """One forward of `layer` (stopped early once every member has its input)."""
+        self.inputs = {}
+        with contextlib.suppress(StopForward):
+            run_layer(layer, hidden, kwargs, args)
+        missing = set(self.modules) - set(self.inputs)
+        if missing:
+            raise RuntimeError(f"linears {sorted(missing)} were not called by the layer's forward")
+        return self.inputs
 
     def remove(self) -> None:
         for h in self._handles:

@@ -26,6 +26,13 @@ class HessianAccumulator:
         self.H = torch.zeros(in_features, in_features, dtype=dtype, device=device)
         self.nsamples = 0
 
+    @classmethod
+    def restored(cls, H: torch.Tensor, nsamples: int) -> HessianAccumulator:
+        """An accumulator holding a finished running mean (read back from disk)."""
+        acc = cls.__new__(cls)
+        acc.H, acc.nsamples = H, nsamples
+        return acc
+
     @torch.no_grad()
     def add(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
         """Fold in a batch of inputs `x` [..., in_features] (one row per token).

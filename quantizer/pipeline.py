@@ -20,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import tempfile
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,7 @@ from models.adapters import ModelAdapter, UnsupportedModelError, get_adapter
 
 from .capture import (
     Batch,
+    GroupHessians,
     GroupInputCatcher,
     LayerInputs,
     StopForward,
@@ -44,6 +47,7 @@ from .capture import (
 )
 from .config import QuantConfig
 from .hessian import HessianAccumulator
+from .hessian_store import HessianStore, hessian_bytes, plan_passes
 from .layer import Instance, quantize_weight
 from .memory import release_freed_memory
 from .result import LayerReport, QuantizedWeight
@@ -80,6 +84,16 @@ class CalibrationConfig(BaseModel):
         "holds the model, one batch and one layer's Hessians at a time instead of the whole model's",
     )
 
+    hessian_budget_mib: float | None = Field(
+        None,
+        gt=0,
+        description="single-instance: the most Hessian memory (MiB) held at once. Pass 1 then streams the "
+        "calibration windows once per run of consecutive layers whose Hessians fit, stores each run's Hessians "
+        "on disk (the resume state directory, else a temporary one), and pass 2 reads one layer's at a time. "
+        "Still one batch resident; costs one partial forward per extra pass. None = every layer's Hessians in "
+        "memory from a single pass",
+    )
+
     @model_validator(mode="after")
     def _options_fit_the_mode(self) -> CalibrationConfig:
         if self.compensate and self.mode != "sequential":
@@ -87,11 +101,12 @@ class CalibrationConfig(BaseModel):
                 "compensate applies to sequential calibration; single-instance already fits the "
                 "full-precision outputs through its kept batch"
             )
-        if self.offload_hessians and self.mode != "single-instance":
-            raise ValueError(
-                "offload_hessians applies to single-instance calibration, the mode that holds every "
-                "layer's Hessians at once; sequential holds one layer's"
-            )
+        for option in ("offload_hessians", "hessian_budget_mib"):
+            if getattr(self, option) not in (None, False) and self.mode != "single-instance":
+                raise ValueError(
+                    f"{option} applies to single-instance calibration, the mode that holds every "
+                    "layer's Hessians at once; sequential holds one layer's"
+                )
         return self
 
     def for_method(self, method: str) -> CalibrationConfig:
@@ -254,7 +269,7 @@ def _quantize_tower(
         bar.set_postfix(loss=f"{sum(r.loss_final for r in reports):.4g}")
 
     try:
-        runner(model, adapter, calib, cfg, cal, device, done, finish_layer, progress)
+        runner(model, adapter, calib, cfg, cal, device, done, finish_layer, progress, state)
     finally:
         bar.close()
 
@@ -329,7 +344,7 @@ def _preamble_to(model: nn.Module, layers: nn.ModuleList, device: torch.device) 
         b.data = b.data.to(device)
 
 
-def _check_tokens(adapter: ModelAdapter, prefix: str, catcher: GroupInputCatcher) -> None:
+def _check_tokens(adapter: ModelAdapter, prefix: str, catcher: GroupHessians) -> None:
     """Refuse a linear that no calibration token reached: its zero Hessian would zero its weights."""
     for name in catcher.modules:
         if catcher.tokens(name) == 0:
@@ -346,7 +361,7 @@ def _check_tokens(adapter: ModelAdapter, prefix: str, catcher: GroupInputCatcher
 def _quantize_group(
     layer: nn.Module,
     prefix: str,
-    catcher: GroupInputCatcher,
+    catcher: GroupHessians,
     cfg: QuantConfig,
     instances: _InstanceRows | None,
     adapter: ModelAdapter,
@@ -366,7 +381,7 @@ def _quantize_group(
     return weights, reports
 
 
-def _sequential(model, adapter, calib, cfg, cal, device, done, finish_layer, progress) -> None:
+def _sequential(model, adapter, calib, cfg, cal, device, done, finish_layer, progress, state) -> None:
     layers = adapter.layers(model)
     _preamble_to(model, layers, device)
     inputs: LayerInputs = capture_first_layer_inputs(model, layers, _batches(calib), device)
@@ -460,15 +475,69 @@ def stream_hessians(
     return per_layer
 
 
-def _single_instance(model, adapter, calib, cfg, cal, device, done, finish_layer, progress) -> None:
+def _single_instance(model, adapter, calib, cfg, cal, device, done, finish_layer, progress, state) -> None:
+    with contextlib.ExitStack() as scratch:
+        store = None
+        if cal.hessian_budget_mib is not None:
+            # Under the resume state, an interrupted run keeps the passes it finished.
+            if state is not None:
+                store = HessianStore(state.dir / "hessians")
+            else:
+                store = HessianStore(Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="rpiq-hessians-"))))
+        _single_instance_passes(model, adapter, calib, cfg, cal, device, done, finish_layer, progress, store)
+
+
+def _hessians_pass(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    calib: Calibration,
+    cal: CalibrationConfig,
+    device: torch.device,
+    todo: list[int],
+    store: HessianStore | None,
+    progress: bool,
+) -> dict[int, list[GroupHessians]]:
+    """Pass 1: every not-yet-quantized layer's Hessians from streaming the full-precision model.
+
+    Without a store: one pass, all Hessians returned in memory. With one: one pass per run of
+    layers that fits the budget, each run written to the store (layers already there are skipped).
+    """
+    hessian_device = "cpu" if cal.offload_hessians else None
+    if store is None:
+        if not todo:
+            return {}
+        return dict(
+            zip(todo, stream_hessians(model, adapter, calib, todo, device, progress, hessian_device), strict=True)
+        )
+    layers = adapter.layers(model)
+    missing = {i: hessian_bytes(layers[i], adapter.linear_groups) for i in todo if not store.has(i)}
+    budget = int(cal.hessian_budget_mib * 2**20)
+    passes = plan_passes(missing, budget)
+    over = [i for i, size in missing.items() if size > budget]
+    if over:
+        warnings.warn(
+            f"layer {over[0]}'s Hessians need up to {missing[over[0]] / 2**20:.0f} MiB, over the "
+            f"{cal.hessian_budget_mib:g} MiB budget; each such layer gets a pass of its own",
+            stacklevel=2,
+        )
+    for n, run in enumerate(passes, 1):
+        if progress and len(passes) > 1:
+            tqdm.write(f"hessian pass {n}/{len(passes)}: layers {run[0]}..{run[-1]}")
+        for index, groups in zip(
+            run, stream_hessians(model, adapter, calib, run, device, progress, hessian_device), strict=True
+        ):
+            store.save(index, groups)
+    return {}
+
+
+def _single_instance_passes(model, adapter, calib, cfg, cal, device, done, finish_layer, progress, store) -> None:
     layers = adapter.layers(model)
     _preamble_to(model, layers, device)
     for layer in layers:
         layer.to(device)
-    # Pass 1: every linear's Hessian from one streaming pass over the full-precision model.
-    by_layer = stream_hessians(
-        model, adapter, calib, range(len(layers)), device, progress, "cpu" if cal.offload_hessians else None
-    )
+    todo = [i for i in range(len(layers)) if i not in done]
+    by_layer = _hessians_pass(model, adapter, calib, cal, device, todo, store, progress)
+    release_freed_memory()
 
     # Pass 2: the kept windows, one at a time, through the full-precision and the partly
     # quantized streams (one forward's activations at a time, not the whole kept batch's).
@@ -494,6 +563,9 @@ def _single_instance(model, adapter, calib, cfg, cal, device, done, finish_layer
             _apply_done(layer, prefix, done[index][0])
         else:
             layer_weights, layer_reports = {}, []
+            if store is not None:
+                by_layer[index] = [GroupHessians({n: layer.get_submodule(n) for n in g}) for g in adapter.linear_groups]
+                store.load(index, by_layer[index])
             for group, catcher in zip(adapter.linear_groups, by_layer[index], strict=True):
                 q_catch = GroupInputCatcher({n: layer.get_submodule(n) for n in group})
                 try:
@@ -509,7 +581,9 @@ def _single_instance(model, adapter, calib, cfg, cal, device, done, finish_layer
                 layer_weights.update(w)
                 layer_reports.extend(r)
             finish_layer(index, layer_weights, layer_reports)
-        by_layer[index] = []  # this layer's Hessians are no longer needed
+        by_layer.pop(index, None)  # this layer's Hessians are no longer needed
+        if store is not None:
+            store.drop(index)
         del fp_rows
         for b, (args, kwargs) in enumerate(calls):
             q_hidden[b] = run_layer(layer, q_hidden[b], kwargs, args)

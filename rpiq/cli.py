@@ -83,6 +83,14 @@ def quantize(
             "one batch (each batch's X^T X is formed on the GPU; only the product is copied)"
         ),
     ] = False,
+    hessian_budget_mib: Annotated[
+        float | None,
+        typer.Option(
+            help="single-instance: most MiB of Hessians held at once; pass 1 then streams the calibration once "
+            "per run of layers that fits and keeps the Hessians on disk (in OUT.rpiq-state with --resume) "
+            "until their layer is quantized. Default: all in memory, one pass"
+        ),
+    ] = None,
     calib_data: Annotated[
         str, typer.Option(help="text file, built-in 'calib', or 'images' (built-in image set, vision-language models)")
     ] = "calib",
@@ -171,6 +179,7 @@ def quantize(
             instance_windows=instance_windows,
             compensate=compensate,
             offload_hessians=offload_hessians,
+            hessian_budget_mib=hessian_budget_mib,
         )
         m, tok, where = load_fp_model(model, dtype, trust_remote_code=trust_remote_code)
         if calib_data == IMAGES:  # (image, question, answer) batches through the whole VLM

@@ -119,6 +119,8 @@ def test_bad_inference_options(args, message):
         (["--seqlen", "1000000"], "tokens"),
         (["--save-dtype", "int8"], "--save-dtype"),
         (["--offload-hessians"], "offload_hessians applies to single-instance"),
+        (["--hessian-budget-mib", "64"], "hessian_budget_mib applies to single-instance"),
+        (["--calib", "single-instance", "--hessian-budget-mib", "0"], "greater than 0"),
     ],
 )
 def test_bad_options_give_a_clear_message_not_a_traceback(small_model_dir, tmp_path, args, message):
