@@ -5,7 +5,8 @@ Sequential keeps every calibration window's hidden states for the current layer 
 streams when compensating); single-instance streams the windows one at a time but keeps every
 linear's Hessian until its layer is quantized. Which is smaller depends on calibration tokens
 versus model width, so the benchmark measures it instead of arguing it, and adds
-``--offload-hessians`` (Hessians in host memory, each batch's X^T X formed on the GPU).
+``--offload-hessians`` (Hessians in host memory, each batch's X^T X formed on the GPU) and
+``--hessian-budget-mib`` (at most that many MiB of Hessians at once, the rest on disk).
 
 The model has a real architecture's shapes with random weights (memory and time depend only on
 shapes; nothing is downloaded); calibration windows are random token ids. Every mode runs in its
@@ -16,6 +17,7 @@ peak is VmHWM.
     python benchmarks/calib_memory.py --shape qwen2.5-0.5b --nsamples 64
     python benchmarks/calib_memory.py --device cpu --nsamples 16 --seqlen 512
     python benchmarks/calib_memory.py --device cpu --layers 2 --modes gptq-sequential   # activations dominate
+    python benchmarks/calib_memory.py --device cpu --modes gptq-sequential,rpiq-single-instance-budget
 
 Prints a table and saves JSON (default benchmarks/results/calib_memory_<device>.json).
 """
@@ -54,6 +56,8 @@ MODES: dict[str, tuple[str, dict[str, Any]]] = {
     "rpiq-sequential": ("rpiq", dict(mode="sequential")),  # compensated: two streams
     "rpiq-single-instance": ("rpiq", dict(mode="single-instance")),
     "rpiq-single-instance-offload": ("rpiq", dict(mode="single-instance", offload_hessians=True)),
+    # Hessians held at most --hessian-budget-mib at a time, the rest on disk (several pass-1 streams).
+    "rpiq-single-instance-budget": ("rpiq", dict(mode="single-instance", hessian_budget_mib=None)),
 }
 
 
@@ -75,6 +79,8 @@ def _run(job: tuple[str, str, dict[str, Any]]) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     calib = torch.randint(0, config.vocab_size, (args["nsamples"], args["seqlen"]))
     method, cal = MODES[mode]
+    if "hessian_budget_mib" in cal:
+        cal = dict(cal, hessian_budget_mib=args["hessian_budget_mib"])
     cfg = QuantConfig(method=method, grid=GridConfig(bits=4, group_size=128))
     cuda = args["device"] == "cuda"
     if cuda:
@@ -85,6 +91,7 @@ def _run(job: tuple[str, str, dict[str, Any]]) -> dict[str, Any]:
     return dict(
         shape=shape,
         mode=mode,
+        hessian_budget_mib=cal.get("hessian_budget_mib"),
         seconds=round(seconds, 1),
         gpu_peak_mib=round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None,
         host_peak_mib=round(peak_rss_mb()),
@@ -120,6 +127,7 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers (a quick probe)")
+    ap.add_argument("--hessian-budget-mib", type=float, default=128.0, help="for rpiq-single-instance-budget")
     ap.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
@@ -128,6 +136,7 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown shape or mode: {', '.join(unknown)}")
     args = dict(device=a.device, nsamples=a.nsamples, seqlen=a.seqlen, layers=a.layers,
+                hessian_budget_mib=a.hessian_budget_mib,
                 dtype=a.dtype or ("bfloat16" if a.device == "cuda" else "float32"))  # fmt: skip
     out = a.out or RESULTS / f"calib_memory_{a.device}.json"
 
