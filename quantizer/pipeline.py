@@ -50,6 +50,7 @@ from .hessian import HessianAccumulator
 from .hessian_store import HessianStore, hessian_bytes, plan_passes
 from .layer import Instance, quantize_weight
 from .memory import release_freed_memory
+from .offload import layers_visit
 from .result import LayerReport, QuantizedWeight
 from .resume import RunState, fingerprint
 
@@ -79,9 +80,10 @@ class CalibrationConfig(BaseModel):
 
     offload_hessians: bool = Field(
         False,
-        description="single-instance: keep every linear's running Hessian in host memory. Each batch's "
-        "X^T X is still formed on the device, and only that [in, in] product is copied, so the device "
-        "holds the model, one batch and one layer's Hessians at a time instead of the whole model's",
+        description="single-instance: keep every linear's running Hessian, and every decoder layer outside "
+        "its own forward, in host memory. Each batch's X^T X is still formed on the device and only that "
+        "[in, in] product is copied; each layer's weights are copied in for its forward (once per window "
+        "in pass 1), so the device holds the embeddings, one layer and one batch",
     )
 
     hessian_budget_mib: float | None = Field(
@@ -533,10 +535,14 @@ def _hessians_pass(
 def _single_instance_passes(model, adapter, calib, cfg, cal, device, done, finish_layer, progress, store) -> None:
     layers = adapter.layers(model)
     _preamble_to(model, layers, device)
-    for layer in layers:
-        layer.to(device)
     todo = [i for i in range(len(layers)) if i not in done]
-    by_layer = _hessians_pass(model, adapter, calib, cal, device, todo, store, progress)
+    if cal.offload_hessians:  # the GPU holds one decoder layer at a time, as in sequential
+        with layers_visit(layers, device):
+            by_layer = _hessians_pass(model, adapter, calib, cal, device, todo, store, progress)
+    else:
+        for layer in layers:
+            layer.to(device)
+        by_layer = _hessians_pass(model, adapter, calib, cal, device, todo, store, progress)
     release_freed_memory()
 
     # Pass 2: the kept windows, one at a time, through the full-precision and the partly
@@ -545,6 +551,7 @@ def _single_instance_passes(model, adapter, calib, cfg, cal, device, done, finis
     fp_hidden, fp_in.hidden = fp_in.hidden, []
     q_hidden = [h.clone() for h in fp_hidden]
     for index, layer in enumerate(layers):
+        layer.to(device)
         calls = [fp_in.call(b, index) for b in range(len(fp_hidden))]
         prefix = _layer_prefix(adapter, index)
         # Full-precision inputs of every linear, and the layer's full-precision output.
@@ -588,8 +595,7 @@ def _single_instance_passes(model, adapter, calib, cfg, cal, device, done, finis
         for b, (args, kwargs) in enumerate(calls):
             q_hidden[b] = run_layer(layer, q_hidden[b], kwargs, args)
         fp_hidden = fp_out
-    if device.type != "cpu":
-        for layer in layers:
+        if device.type != "cpu":
             layer.to("cpu")
 
 

@@ -79,8 +79,9 @@ def quantize(
     offload_hessians: Annotated[
         bool,
         typer.Option(
-            help="single-instance: keep every layer's Hessians in host memory, so the GPU holds the model and "
-            "one batch (each batch's X^T X is formed on the GPU; only the product is copied)"
+            help="single-instance: keep every layer's Hessians, and each decoder layer outside its own forward, "
+            "in host memory, so the GPU holds the embeddings, one layer and one batch (each batch's X^T X is "
+            "formed on the GPU and only the product is copied; layers are copied in once per window)"
         ),
     ] = False,
     hessian_budget_mib: Annotated[
