@@ -456,17 +456,24 @@ def plan(
     model: Annotated[str, typer.Argument(help="'cogvlm2' (built-in config numbers) or a model directory")] = "cogvlm2",
     bits: Annotated[int, typer.Option(help="bits of the quantized linears")] = 4,
     group_size: Annotated[int, typer.Option(help="columns per scale/zero group; -1 = per channel")] = 128,
+    nsamples: Annotated[int, typer.Option(min=1, help="calibration windows, for the calibration memory lines")] = 128,
+    seqlen: Annotated[int, typer.Option(min=1, help="tokens per calibration window")] = 2048,
 ) -> None:
-    """Weight memory of MODEL in 16-bit and quantized (GPTQ format), per component, from its config."""
-    from rpiq.plan import load_config, meta_model, plan_model
-    from rpiq.plan_report import print_plan
+    """Weight memory of MODEL in 16-bit and quantized (GPTQ format), per component, from its config;
+    then what sequential and single-instance calibration keep resident."""
+    from rpiq.plan import calibration_memory, load_config, meta_model, plan_model
+    from rpiq.plan_report import calibration_lines, print_plan
 
     try:
         config, name = load_config(model)
-        result = plan_model(meta_model(config), name, bits, group_size)
+        meta = meta_model(config)
+        result = plan_model(meta, name, bits, group_size)
+        memory = calibration_memory(meta, nsamples, seqlen)
     except (ValueError, OSError) as e:
         _fail(str(e))
     print_plan(result, out)
+    for line in calibration_lines(memory, nsamples, seqlen):
+        out.print(line, highlight=False, soft_wrap=True)
 
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"

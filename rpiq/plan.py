@@ -138,6 +138,32 @@ def plan_model(model: nn.Module, name: str, bits: int = 4, group_size: int = 128
     return plan
 
 
+@dataclass
+class CalibrationMemory:
+    """What each calibration mode keeps resident for the language tower (arithmetic, not measured)."""
+
+    tokens: int
+    stream_bytes: int  # sequential: one stream of hidden states for every calibration token
+    hessian_bytes: int  # single-instance: every layer's Hessians, float32, upper bound
+    largest_layer_bytes: int  # the least a --hessian-budget-mib can hold
+
+
+def calibration_memory(model: nn.Module, nsamples: int, seqlen: int, act_bytes: int = 2) -> CalibrationMemory:
+    """Sequential's resident hidden states against single-instance's Hessians, from shapes alone.
+
+    The Hessian figure is the bound the budget planner uses (`quantizer.hessian_store`): one
+    `in x in` float32 matrix per linear, though members fed the same input share one.
+    """
+    from models.adapters import get_adapter
+    from quantizer.hessian_store import hessian_bytes
+
+    adapter = get_adapter(model, allow_discovery=False)
+    per_layer = [hessian_bytes(layer, adapter.linear_groups) for layer in adapter.layers(model)]
+    hidden = model.config.get_text_config().hidden_size
+    tokens = nsamples * seqlen
+    return CalibrationMemory(tokens, tokens * hidden * act_bytes, sum(per_layer), max(per_layer))
+
+
 def _component(param_name: str) -> str:
     if param_name.startswith(PROJECTOR_PREFIXES):
         return PROJECTOR

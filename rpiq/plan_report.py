@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from .plan import PAPER_CLAIM, Plan, plan_rows
+from .plan import PAPER_CLAIM, CalibrationMemory, Plan, plan_rows
 
 
 def _gib(n: int) -> str:
@@ -42,3 +42,14 @@ def print_plan(plan: Plan, console: Console) -> None:
         "and row, an int32 g_idx per input column (GPTQ format); KV cache and activations not included.",
         highlight=False,
     )
+
+
+def calibration_lines(mem: CalibrationMemory, nsamples: int, seqlen: int) -> list[str]:
+    """Which calibration mode holds more, for the language tower, as plain sentences."""
+    return [
+        f"calibration on {nsamples} x {seqlen} tokens (language tower, 16-bit activations): sequential keeps "
+        f"{_gib(mem.stream_bytes)} of hidden states per stream (RPIQ's compensated run keeps two);",
+        f"single-instance keeps up to {_gib(mem.hessian_bytes)} of float32 Hessians (largest layer "
+        f"{mem.largest_layer_bytes / 2**20:,.0f} MiB) whatever the token count: --offload-hessians keeps them off "
+        "the GPU, --hessian-budget-mib caps what is in memory and stores the rest on disk.",
+    ]

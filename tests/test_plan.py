@@ -85,3 +85,28 @@ def test_plan_reads_a_config_directory(tmp_path):
         plan_model(meta_model(CogVLM2Config()), "full").components[LANGUAGE].params, rel=0
     )
     assert torch.tensor(plan.reduction()).item() > 0
+
+
+def test_calibration_memory_compares_the_modes_from_shapes():
+    """LLaMA-7B's numbers: a 16-bit stream of 128 x 2048 tokens is 2 GiB; the Hessian bound is
+    six 4096-wide matrices and one 11008-wide per layer, 32 layers (the planner's upper bound)."""
+    from transformers import LlamaConfig
+
+    from rpiq.plan import calibration_memory
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32)
+    mem = calibration_memory(meta_model(config), nsamples=128, seqlen=2048)
+    assert mem.tokens == 128 * 2048
+    assert mem.stream_bytes == 128 * 2048 * 4096 * 2 == 2 * 2**30
+    per_layer = (6 * 4096**2 + 11008**2) * 4
+    assert mem.largest_layer_bytes == per_layer
+    assert mem.hessian_bytes == 32 * per_layer  # about 26 GiB: more than ten streams
+
+
+def test_cli_plan_prints_the_calibration_memory_of_both_modes():
+    result = CliRunner().invoke(app, ["plan", "cogvlm2", "--nsamples", "64", "--seqlen", "1024"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "calibration on 64 x 1024 tokens" in text
+    assert "sequential keeps 0.50 GiB of hidden states per stream" in text  # 65536 x 4096 x 2 B
+    assert "single-instance keeps up to 65.00 GiB of float32 Hessians" in text
