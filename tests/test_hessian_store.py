@@ -14,6 +14,7 @@ from quantizer.capture import GroupHessians
 from quantizer.config import GPTQConfig, GridConfig, QuantConfig
 from quantizer.hessian_store import HessianStore, hessian_bytes, plan_passes
 from quantizer.pipeline import CalibrationConfig, ModelQuantization, quantize_model
+from tests.interrupt import quantize_until_first_layer
 from tests.tiny_models import VOCAB, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -101,18 +102,8 @@ def test_interrupted_budgeted_run_resumes_without_streaming_again(monkeypatch, t
     cal = CalibrationConfig(mode="single-instance", hessian_budget_mib=1.5 * _layer_mib(model))
     want = quantize_model(copy.deepcopy(model), calib, CFG, cal, progress=False)
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_first(index, total, reports):
-        if index == 0:
-            raise Interrupt
-
     state = tmp_path / "state"
-    with pytest.raises(Interrupt):
-        quantize_model(
-            copy.deepcopy(model), calib, CFG, cal, state_dir=state, progress=False, on_layer=stop_after_first
-        )
+    quantize_until_first_layer(copy.deepcopy(model), calib, CFG, cal, state_dir=state, progress=False)
     stored = sorted(p.name for p in (state / "hessians").iterdir())
     assert stored == ["hessians_0000.safetensors", "hessians_0001.safetensors"]
     passes = _record_passes(monkeypatch)

@@ -12,6 +12,7 @@ from models.adapters import LLAMA_LIKE_GROUPS, UnsupportedModelError, discover_a
 from quantizer.capture import capture_first_layer_inputs, run_layer
 from quantizer.config import GPTQConfig, GridConfig, QuantConfig, RefineConfig
 from quantizer.pipeline import CalibrationConfig, ModelQuantization, quantize_model
+from tests.interrupt import quantize_until_first_layer
 from tests.tiny_models import CONFIGS, VOCAB, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -144,16 +145,8 @@ def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
     cfg = QuantConfig(method="rpiq", grid=GridConfig(bits=4, group_size=32))
     full = quantize_model(tiny_model("qwen2"), calib, cfg, progress=False)
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_first(index, total, reports):
-        if index == 0:
-            raise Interrupt
-
     state = tmp_path / "state"
-    with pytest.raises(Interrupt):
-        quantize_model(tiny_model("qwen2"), calib, cfg, state_dir=state, progress=False, on_layer=stop_after_first)
+    quantize_until_first_layer(tiny_model("qwen2"), calib, cfg, state_dir=state, progress=False)
     assert sorted(p.name for p in state.glob("layer_*.pt")) == ["layer_0000.pt"]
 
     redone = []
