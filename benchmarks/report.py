@@ -50,6 +50,7 @@ SPECS: dict[str, tuple[str, str, bool]] = {
     "gptq-comp": ("gptq", "sequential", True),
     "rpiq": ("rpiq", "sequential", True),
     "rpiq-si": ("rpiq", "single-instance", False),
+    "rpiq-si-comp": ("rpiq", "single-instance", True),  # stage 1 fits the kept batch's blend too
 }
 LABELS = {
     "fp": "full precision",
@@ -59,6 +60,7 @@ LABELS = {
     "gptq-comp": "GPTQ + compensation",
     "rpiq": "RPIQ, sequential",
     "rpiq-si": "RPIQ, single-instance",
+    "rpiq-si-comp": "RPIQ, single-instance + compensation",
 }
 
 

@@ -27,6 +27,8 @@ class Instance:
 
     Xq: torch.Tensor
     Y: torch.Tensor
+    compensate: bool = False
+    """Stage 1 also fits the blended objective (`instance_target`), not only stage 2."""
 
 
 def layer_loss(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
@@ -109,6 +111,30 @@ def compensation_target(W: torch.Tensor, cross: torch.Tensor, H: torch.Tensor, d
     return torch.cholesky_solve(rhs, cholesky_lower(H)).t().contiguous()
 
 
+def instance_target(
+    W: torch.Tensor, H: torch.Tensor, instance: Instance, weight: float, ridge: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The single-instance objective as a target weight and a Hessian, so GPTQ itself fits it.
+
+    Stage 2's objective with the kept batch, `(1-w) tr((W-Wq) H (W-Wq)^T) + w 2/n ||Y - Xq Wq^T||^2`
+    (`refine.InstanceResidual`), is a quadratic in `Wq` with curvature
+    `H_mix = (1-w) H + w 2/n Xq^T Xq` and minimum at `W* = ((1-w) W H + w 2/n Y^T Xq) H_mix^-1`,
+    so it equals `tr((W*-Wq) H_mix (W*-Wq)^T)` plus a constant: ordinary GPTQ/RPIQ on `(W*, H_mix)`
+    optimises it from the first column on, as sequential compensation does with the whole
+    calibration set. The same ridge as `compensation_target` (`ridge x mean(diag H_mix)`) pulls `W*`
+    towards `W`, which one kept batch needs more than the whole calibration set does.
+    """
+    Xq = instance.Xq.to(device=W.device, dtype=H.dtype)
+    Y = instance.Y.to(device=W.device, dtype=H.dtype)
+    scale = 2.0 / Xq.shape[0]
+    H_mix = (1 - weight) * H + (weight * scale) * (Xq.t() @ Xq)
+    rhs = (1 - weight) * (W @ H) + (weight * scale) * (Y.t() @ Xq)  # [out, in]
+    lam = ridge * float(torch.mean(torch.diagonal(H_mix)))
+    eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+    target = torch.cholesky_solve((rhs + lam * W).t(), cholesky_lower(H_mix + lam * eye)).t().contiguous()
+    return target, H_mix
+
+
 def _quantize_weight(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -122,6 +148,10 @@ def _quantize_weight(
     out, n = W.shape
     W = W.detach().float().clone()
     H0 = H.detach().float().to(device)
+    if instance is not None and instance.compensate and cfg.refine.instance_weight > 0:
+        # Both stages then fit the blended objective; stage 2 needs no separate residual.
+        W, H0 = instance_target(W, H0, instance, cfg.refine.instance_weight, cfg.gptq.compensation_percdamp)
+        instance = None
     prep = prepare_hessian(H0, cfg.gptq.percdamp)
     W[:, prep.dead] = 0.0
     if cross is not None:

@@ -71,10 +71,12 @@ class CalibrationConfig(BaseModel):
     )
     compensate: bool | None = Field(
         None,
-        description="sequential: fit every linear to the full-precision model's outputs (full-precision "
-        "inputs, full-precision weights) instead of its own weights on the already-degraded inputs, so each "
-        "layer compensates what the layers before it got wrong (`quantizer.layer.compensation_target`). "
-        "Costs a second resident stream of hidden states and one extra partial forward per group. "
+        description="fit every linear to the full-precision model's outputs (full-precision inputs, "
+        "full-precision weights) instead of its own weights on the already-degraded inputs, so each layer "
+        "compensates what the layers before it got wrong. sequential: on the whole calibration set "
+        "(`quantizer.layer.compensation_target`), at the cost of a second resident stream of hidden states "
+        "and one extra partial forward per group. single-instance: stage 1 too fits the kept batch's blended "
+        "objective (`quantizer.layer.instance_target`), at no memory cost (stage 2 always does). "
         "None = on for RPIQ (its closed loop across layers), off for GPTQ (GPTQ-classic)",
     )
 
@@ -98,11 +100,6 @@ class CalibrationConfig(BaseModel):
 
     @model_validator(mode="after")
     def _options_fit_the_mode(self) -> CalibrationConfig:
-        if self.compensate and self.mode != "sequential":
-            raise ValueError(
-                "compensate applies to sequential calibration; single-instance already fits the "
-                "full-precision outputs through its kept batch"
-            )
         for option in ("offload_hessians", "hessian_budget_mib"):
             if getattr(self, option) not in (None, False) and self.mode != "single-instance":
                 raise ValueError(
@@ -112,10 +109,10 @@ class CalibrationConfig(BaseModel):
         return self
 
     def for_method(self, method: str) -> CalibrationConfig:
-        """This config with `compensate` decided: the default is on for sequential RPIQ only."""
+        """This config with `compensate` decided: the default is on for RPIQ, off for GPTQ."""
         if self.compensate is not None:
             return self
-        return self.model_copy(update={"compensate": method == "rpiq" and self.mode == "sequential"})
+        return self.model_copy(update={"compensate": method == "rpiq"})
 
 
 @dataclass
@@ -579,7 +576,7 @@ def _single_instance_passes(model, adapter, calib, cfg, cal, device, done, finis
                     xq = [dict(q_catch.run(layer, h, kw, args)) for h, (args, kw) in zip(q_hidden, calls, strict=True)]
                 finally:
                     q_catch.remove()
-                instance = _InstanceRows(catcher.modules, fp_rows, _rows_by_input(xq))
+                instance = _InstanceRows(catcher.modules, fp_rows, _rows_by_input(xq), bool(cal.compensate))
                 w, r = _quantize_group(layer, prefix, catcher, cfg, instance, adapter)
                 del instance
                 for name in group:  # this group's full-precision inputs are no longer needed
@@ -631,10 +628,14 @@ class _InstanceRows:
     """
 
     def __init__(
-        self, modules: Mapping[str, nn.Linear], fp_rows: dict[str, torch.Tensor], xq_rows: dict[str, torch.Tensor]
+        self,
+        modules: Mapping[str, nn.Linear],
+        fp_rows: dict[str, torch.Tensor],
+        xq_rows: dict[str, torch.Tensor],
+        compensate: bool,
     ):
-        self._modules, self._fp, self._xq = modules, fp_rows, xq_rows
+        self._modules, self._fp, self._xq, self._compensate = modules, fp_rows, xq_rows, compensate
 
     def get(self, name: str) -> Instance:
         Y = self._fp[name] @ self._modules[name].weight.float().t()
-        return Instance(Xq=self._xq[name], Y=Y)
+        return Instance(Xq=self._xq[name], Y=Y, compensate=self._compensate)

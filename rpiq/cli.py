@@ -71,8 +71,9 @@ def quantize(
         bool | None,
         typer.Option(
             "--compensate/--no-compensate",
-            help="sequential: fit each layer to the full-precision model's outputs, so it compensates the "
-            "error of the layers before it (a second stream of hidden states: about 2x activation memory); "
+            help="fit each layer to the full-precision model's outputs, so it compensates the error of the "
+            "layers before it (sequential: on every calibration window, a second stream of hidden states, about "
+            "2x activation memory; single-instance: on the kept windows, from stage 1 on, no extra memory); "
             "default: on for rpiq, off for gptq",
         ),
     ] = None,

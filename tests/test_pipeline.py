@@ -114,10 +114,13 @@ def test_sequential_rpiq_beats_gptq_and_rtn_on_output_error():
     assert errs["gptq"][0] < errs["rtn"][0]  # and the whole model's output follows
 
 
-@pytest.mark.parametrize("method", ["gptq", "rpiq"])
-def test_compensation_lowers_the_whole_models_output_error(method):
+@pytest.mark.parametrize(
+    ("method", "mode"), [("gptq", "sequential"), ("rpiq", "sequential"), ("rpiq", "single-instance")]
+)
+def test_compensation_lowers_the_whole_models_output_error(method, mode):
     """Fitting each layer to the full-precision model's outputs (not its own weights on degraded
-    inputs) lets later layers make up for earlier layers' error: the logits end up closer."""
+    inputs) lets later layers make up for earlier layers' error: the logits end up closer.
+    Single-instance fits only its kept windows (here 4 x 64 tokens), so it gains less."""
     model = tiny_model("llama", seed=3)
     calib = _calib(8, 64)
     ids = calib[:2]
@@ -126,14 +129,12 @@ def test_compensation_lowers_the_whole_models_output_error(method):
     errs = {}
     for compensate in (False, True):
         m = copy.deepcopy(model)
-        quantize_model(m, calib, cfg, CalibrationConfig(compensate=compensate), progress=False)
+        quantize_model(m, calib, cfg, CalibrationConfig(mode=mode, compensate=compensate), progress=False)
         errs[compensate] = float(torch.mean((_logits(m, ids) - ref) ** 2))
-    assert errs[True] < 0.9 * errs[False]
+    assert errs[True] < (0.9 if mode == "sequential" else 0.95) * errs[False]
 
 
-def test_compensation_is_only_for_sequential_calibration():
-    with pytest.raises(ValueError, match="compensate applies to sequential"):
-        CalibrationConfig(mode="single-instance", compensate=True)
+def test_offloading_is_only_for_single_instance_calibration():
     with pytest.raises(ValueError, match="offload_hessians applies to single-instance"):
         CalibrationConfig(mode="sequential", offload_hessians=True)
 

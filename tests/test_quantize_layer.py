@@ -11,7 +11,7 @@ from models.packing import pack_qweight, pack_qzeros, unpack_qweight, unpack_qze
 from quantizer.config import GPTQConfig, GridConfig, QuantConfig, RefineConfig
 from quantizer.grid import fake_quantize, fit_params
 from quantizer.hessian import HessianAccumulator, prepare_hessian
-from quantizer.layer import Instance, compensation_target, layer_loss, quantize_weight
+from quantizer.layer import Instance, compensation_target, instance_target, layer_loss, quantize_weight
 from tests.layers import realistic_layer
 
 SHAPES = [(192, 256), (768, 768), (256, 320)]  # (out, in); 320 = 2.5 groups of 128
@@ -245,6 +245,46 @@ def test_compensated_gptq_matches_the_full_precision_output_better():
     for method, (plain, comp) in errs.items():
         assert comp < 0.9 * plain, method
     assert errs["rpiq"][1] < errs["gptq"][1]
+
+
+def test_instance_target_turns_the_blended_objective_into_a_layer_loss():
+    """Single-instance compensation: `(1-w) tr(E H E^T) + w 2/n ||Y - Xq Wq^T||^2` equals the layer
+    loss around `W*` under `H_mix` plus a constant (undamped), so GPTQ on `(W*, H_mix)` fits it."""
+    layer = realistic_layer(32, 64, tokens=2048, seed=16)
+    Xq, X, W, H = _degraded(layer).double(), layer.X.double(), layer.W.double(), layer.H.double()
+    kept = slice(0, 512)  # the kept batch: a quarter of the tokens behind the global Hessian
+    inst = Instance(Xq=Xq[kept], Y=X[kept] @ W.t())
+    w = 0.25
+    target, H_mix = instance_target(W, H, inst, w, ridge=0.0)
+    g = torch.Generator().manual_seed(2)
+    A, B = (W + 0.01 * torch.randn(W.shape, generator=g, dtype=torch.float64) for _ in range(2))
+    n = inst.Xq.shape[0]
+
+    def blended(Wq):
+        return (1 - w) * layer_loss(W, Wq, H) + w * 2.0 / n * float(torch.sum((inst.Y - inst.Xq @ Wq.t()) ** 2))
+
+    expected = layer_loss(target, A, H_mix) - layer_loss(target, B, H_mix)
+    assert blended(A) - blended(B) == pytest.approx(expected, rel=1e-6)
+
+
+def test_single_instance_compensation_fits_the_kept_batch_better_than_stage_two_alone():
+    """With the target in stage 1 too, the codes reach a lower blended objective than when only
+    stage 2 follows the kept batch (the measured objective, not the report's layer loss)."""
+    layer = realistic_layer(64, 128, tokens=2048, seed=17)
+    Xq = _degraded(layer, noise=0.1)
+    kept = slice(0, 1024)
+    cfg = _cfg("rpiq", 3, 64, block_size=32, instance_weight=0.5)
+    cfg = cfg.model_copy(update={"gptq": GPTQConfig(block_size=32, compensation_percdamp=0.01)})
+    Y = layer.X[kept] @ layer.W.t()
+    errs = {}
+    for compensate in (False, True):
+        inst = Instance(Xq=Xq[kept], Y=Y, compensate=compensate)
+        q, _ = quantize_weight(layer.W, layer.H, cfg, instance=inst)
+        Wq = q.dequantize()
+        errs[compensate] = 0.5 * layer_loss(layer.W, Wq, layer.H) + 0.5 * 2.0 / 1024 * float(
+            torch.sum((Y - Xq[kept] @ Wq.t()) ** 2)
+        )
+    assert errs[True] < 0.9 * errs[False], errs
 
 
 def test_compensation_target_survives_a_hessian_that_is_not_positive_definite():
