@@ -42,15 +42,15 @@ REF_PYTHON = ROOT / ".venv-ref" / "bin" / "python"
 REF_SCRIPT = ROOT / "benchmarks" / "reference_gptq.py"
 
 GRIDS: dict[str, tuple[int, int]] = {"w4g128": (4, 128), "w3g128": (3, 128), "w4pc": (4, -1)}
-METHODS = ("rtn", "gptq", "gptq-ref", "gptq-comp", "rpiq", "rpiq-si")
+METHODS = ("rtn", "gptq", "gptq-ref", "gptq-comp", "rpiq", "rpiq-si", "rpiq-si-comp")
 SPECS: dict[str, tuple[str, str, bool]] = {
     # report name: (quantizer method, calibration mode, compensate upstream error)
     "rtn": ("rtn", "sequential", False),
     "gptq": ("gptq", "sequential", False),
     "gptq-comp": ("gptq", "sequential", True),
     "rpiq": ("rpiq", "sequential", True),
-    "rpiq-si": ("rpiq", "single-instance", False),
-    "rpiq-si-comp": ("rpiq", "single-instance", True),  # stage 1 fits the kept batch's blend too
+    "rpiq-si": ("rpiq", "single-instance", False),  # stage 2 alone follows the kept batch
+    "rpiq-si-comp": ("rpiq", "single-instance", True),  # the default: stage 1 fits the kept batch's blend too
 }
 LABELS = {
     "fp": "full precision",
@@ -231,7 +231,7 @@ def verdicts(summary: list[dict], evals: list[str]) -> list[str]:
         g = by.get((grid, "gptq"))
         if g is None:
             continue
-        for method in ("gptq-comp", "rpiq", "rpiq-si"):
+        for method in ("gptq-comp", "rpiq", "rpiq-si", "rpiq-si-comp"):
             r = by.get((grid, method))
             if r is None:
                 continue
