@@ -80,7 +80,7 @@ def read_bandwidth_gbs(device) -> float:
 def _random_int4(out_f: int, in_f: int, group: int = 128):
     import torch
 
-    from quantizer.result import QuantizedWeight
+    from gptq_format import QuantizedWeight
 
     g = torch.Generator().manual_seed(out_f * 7 + in_f)
     groups = in_f // group
@@ -252,10 +252,10 @@ def _ensure_checkpoint(path: Path, lm_head: bool) -> Path:
     """A GPTQ w4g128 checkpoint of the embedded model (built once, in a child process)."""
     if (path / "config.json").is_file():
         return path
-    from models.checkpoint import save_quantized
+    from gptq_format import save_quantized
+    from models.loading import load_fp_model
     from quantizer.config import GridConfig, QuantConfig
     from quantizer.data import calibration_windows, load_text
-    from quantizer.loading import load_fp_model
     from quantizer.pipeline import quantize_model
 
     model, tok, _ = load_fp_model(None)
@@ -287,7 +287,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from quantizer.loading import resolve_model
+    from models.loading import resolve_model
 
     console = Console(width=170)
     device = torch.device(args.device)

@@ -24,11 +24,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from models.adapters import get_adapter
+from models.loading import load_fp_model
+from quantizer.adapters import get_adapter
 from quantizer.config import GPTQConfig, GridConfig, QuantConfig, RefineConfig
 from quantizer.data import calibration_windows, load_text
 from quantizer.layer import layer_loss, quantize_weight
-from quantizer.loading import load_fp_model
 from quantizer.pipeline import stream_hessians
 
 RESULTS = Path(__file__).parent / "results"

@@ -27,11 +27,11 @@ def _one(job: dict) -> dict:
     """Runs in a fresh child process."""
     import torch
 
-    from models.checkpoint import checkpoint_bytes, save_quantized
+    from gptq_format import checkpoint_bytes, save_quantized
+    from models.loading import load_fp_model
     from quantizer.config import GridConfig, QuantConfig, RefineConfig
     from quantizer.data import calibration_windows, evaluation_windows, load_text
     from quantizer.evaluate import perplexity
-    from quantizer.loading import load_fp_model
     from quantizer.pipeline import CalibrationConfig, quantize_model
 
     torch.manual_seed(0)
@@ -86,7 +86,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from quantizer.loading import resolve_model
+    from models.loading import resolve_model
 
     console = Console(width=160)
     model = str(resolve_model(args.model))

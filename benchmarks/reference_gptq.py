@@ -156,9 +156,9 @@ def _one(job: dict) -> dict:
     from llmcompressor.modifiers.gptq import GPTQModifier
     from loguru import logger
 
+    from models.loading import load_fp_model
     from quantizer.data import calibration_windows, evaluation_windows, load_text
     from quantizer.evaluate import perplexity
-    from quantizer.loading import load_fp_model
 
     warnings: list[str] = []
     gptq_seconds: list[float] = []
@@ -283,9 +283,9 @@ def _one(job: dict) -> dict:
 
 def _fp_ppl(job: dict) -> dict:
     """Full-precision perplexity in this venv (its transformers), on the same windows: a sanity anchor."""
+    from models.loading import load_fp_model
     from quantizer.data import evaluation_windows, load_text
     from quantizer.evaluate import perplexity
-    from quantizer.loading import load_fp_model
 
     model, tok, _ = load_fp_model(job["model"])
     out = {}
@@ -363,7 +363,7 @@ def main() -> None:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    from quantizer.loading import resolve_model
+    from models.loading import resolve_model
 
     model = str(resolve_model(args.model))
     job = {

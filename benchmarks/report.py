@@ -82,10 +82,10 @@ def quality_job(job: dict) -> dict:
     """One method on one grid with one calibration seed; runs in a fresh child process."""
     import torch
 
+    from models.loading import load_fp_model
     from quantizer.config import GPTQConfig, GridConfig, QuantConfig
     from quantizer.data import calibration_windows, evaluation_windows, load_text
     from quantizer.evaluate import perplexity
-    from quantizer.loading import load_fp_model
     from quantizer.pipeline import CalibrationConfig, quantize_model
 
     torch.manual_seed(0)
@@ -147,11 +147,11 @@ def ablation(model_dir: str, nsamples: int, seqlen: int, layer: int, bits: int) 
     """Stage-2 rounds x alpha x block size on one decoder layer's real Hessians (calib and held-out)."""
     import torch
 
-    from models.adapters import get_adapter
+    from models.loading import load_fp_model
+    from quantizer.adapters import get_adapter
     from quantizer.config import GPTQConfig, GridConfig, QuantConfig, RefineConfig
     from quantizer.data import calibration_windows, load_text
     from quantizer.layer import layer_loss, quantize_weight
-    from quantizer.loading import load_fp_model
     from quantizer.pipeline import stream_hessians
 
     torch.set_num_threads(1)  # these matrices are small: one thread is fastest on 2 cores
@@ -395,7 +395,7 @@ def main() -> None:
     import transformers
     from rich.console import Console
 
-    from quantizer.loading import resolve_model
+    from models.loading import resolve_model
 
     console = Console(width=160)
     model = str(resolve_model(args.model))

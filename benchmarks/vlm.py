@@ -121,9 +121,9 @@ def param_counts(model: torch.nn.Module) -> dict[str, int]:
 
 
 def quantize(fp_dir: Path, out: Path, proc: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from models.checkpoint import save_quantized
+    from gptq_format import save_quantized
+    from models.loading import load_fp_model
     from quantizer.config import GridConfig, QuantConfig
-    from quantizer.loading import load_fp_model
     from quantizer.pipeline import quantize_model
     from quantizer.vlm_calibration import builtin_samples, vlm_batches
 
@@ -224,7 +224,7 @@ def main() -> None:
     suffix = "" if args.shape == "smolvlm-256m" else f"_{args.shape}"
     args.out = args.out or str(REPO / "benchmarks" / "results" / f"vlm_cpu{suffix}.json")
 
-    from models.checkpoint import checkpoint_bytes
+    from gptq_format import checkpoint_bytes
     from models.int4 import load_quantized, model_weight_bytes
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="rpiq-vlm-bench-"))

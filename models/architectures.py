@@ -3,8 +3,7 @@
 `AutoModelForCausalLM` builds only the language tower of most VLMs (or refuses them), so a
 checkpoint's tensor names would not match. The class is taken from ``config.architectures`` when
 transformers has it (what ``save_pretrained`` and `save_quantized` record), else from the
-image-text-to-text Auto mapping, else the causal-LM one. Importing this module also registers
-the CogVLM2 layout (`models.cogvlm2`) with the Auto classes.
+image-text-to-text Auto mapping, else the causal-LM one.
 """
 
 from __future__ import annotations
@@ -13,8 +12,6 @@ from typing import Any
 
 import transformers
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, PretrainedConfig
-
-from . import cogvlm2  # noqa: F401  (registers model_type "cogvlm2")
 
 
 def is_vision_language(config: PretrainedConfig) -> bool:

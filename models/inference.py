@@ -73,7 +73,7 @@ def load_for_inference(
     load as their full image-text class either way; their processor comes from
     `models.vlm.load_processor`. `trust_remote_code` runs modeling code shipped with the model.
     """
-    from quantizer.loading import DTYPES, ModelLoadError, is_quantized_checkpoint, load_fp_model, resolve_model
+    from models.loading import DTYPES, ModelLoadError, is_quantized_checkpoint, load_fp_model, resolve_model
 
     from .int4 import load_quantized
 

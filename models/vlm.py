@@ -25,14 +25,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-PROCESSOR_FILES: tuple[str, ...] = (
-    "preprocessor_config.json",
-    "processor_config.json",
-    "video_preprocessor_config.json",
-    "chat_template.json",
-    "chat_template.jinja",
-)
-"""Files a transformers processor reads besides the tokenizer's own (which the tokenizer saves)."""
 
 
 class ProcessorLoadError(ValueError):

@@ -1,20 +1,30 @@
-"""Typed configuration of one quantization run.
+"""Typed configuration of one quantization run: one config type per method.
 
-Every switch of the algorithm is a field here, so that benchmarks can turn each piece of RPIQ
-on and off and show what it buys. The models are frozen pydantic models: invalid values fail
-at construction with a `ValueError` (pydantic's `ValidationError` subclasses it) that names
-the field, instead of surfacing later as a shape error deep inside a matmul.
+    RTNConfig(grid, calibration)
+    GPTQMethodConfig(grid, gptq, calibration)
+    RPIQConfig(grid, gptq, refine, calibration, ablation)
+
+Each names only the sections its method reads; `method` is the discriminator, so a JSON dump
+(`config.model_dump()`, a recipe file) reads back into the right type with `parse_config`, and
+`quant_config("gptq", ...)` builds one from a method name. `CalibrationConfig` says how the
+calibration data flows through the model; `AblationConfig` holds the switches that only
+benchmarks turn, to show what each piece of RPIQ buys.
+
+The models are frozen pydantic models: invalid values fail at construction with a `ValueError`
+(pydantic's `ValidationError` subclasses it) that names the field, instead of surfacing later
+as a shape error deep inside a matmul.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+from gptq_format.weight import SUPPORTED_BITS
 
 Method = Literal["rtn", "gptq", "rpiq"]
+CalibMode = Literal["sequential", "single-instance"]
 
 
 class _Frozen(BaseModel):
@@ -68,14 +78,6 @@ class GPTQConfig(_Frozen):
     static_groups: bool = Field(
         False, description="with act_order: fix every group's grid up front from the unpermuted weights"
     )
-    compensation_percdamp: float = Field(
-        1.0,
-        ge=0.0,
-        description="with compensation (`CalibrationConfig.compensate`): ridge of the least-squares target "
-        "W* = (W C + l W)(H + l I)^-1, l = this x mean(diag H); larger pulls the target towards W. "
-        "1.0 measured best of 0.01/0.1/1.0 on both real models (README, evidence report): with 0.01 the "
-        "target overfits the calibration tokens (Gemma-3-270M got worse than plain GPTQ)",
-    )
 
 
 class RefineConfig(_Frozen):
@@ -88,12 +90,6 @@ class RefineConfig(_Frozen):
     rounds: int = Field(4, ge=0, description="maximum Gauss-Seidel sweeps over all blocks (R)")
     alpha: float = Field(1.0, gt=0.0, le=2.0, description="step toward the block optimum; 1 = exact")
     block_size: int | None = Field(None, ge=1, description="columns per refinement block; None = stage 1's block size")
-    accept: Literal["row", "block", "always"] = Field(
-        "row",
-        description="closed-loop acceptance: keep a row's (or the whole block's) new codes only if its "
-        "loss decreased; 'always' disables the closed loop (for ablations)",
-    )
-    backtrack: int = Field(0, ge=0, description="after a rejected step, retry with alpha halved up to this many times")
     percdamp: float = Field(
         0.0,
         ge=0.0,
@@ -101,23 +97,150 @@ class RefineConfig(_Frozen):
         "tr(E (H + lambda I) E^T); 0 = the undamped layer loss",
     )
     tol: float = Field(1e-4, ge=0.0, description="stop early when a round lowers the loss by less than this")
-    instance_weight: float = Field(
-        0.25,
-        ge=0.0,
-        le=1.0,
-        description="single-instance calibration: weight w of the kept batch's real output error in the "
-        "stage-2 objective (1-w) tr(E H E^T) + w 2/n ||Y - Xq Wq^T||^2; 1 = the batch alone, 0 = Hessian only. "
-        "Chosen by measurement on the embedded model (README, single-instance)",
+
+
+class AblationConfig(_Frozen):
+    """Stage-2 switches that only benchmarks and tests turn, to measure what each piece buys."""
+
+    accept: Literal["row", "block", "always"] = Field(
+        "row",
+        description="closed-loop acceptance: keep a row's (or the whole block's) new codes only if its "
+        "loss decreased; 'always' disables the closed loop",
     )
+    backtrack: int = Field(0, ge=0, description="after a rejected step, retry with alpha halved up to this many times")
     refit_grid: bool = Field(
         False, description="re-fit each group's scale/zero to the refinement target before re-quantizing"
     )
 
 
-class QuantConfig(_Frozen):
-    """One verb, one config: what `quantize_weight` does to a layer."""
+class CalibrationConfig(_Frozen):
+    """How the calibration data flows through the model, and what each layer is fitted to."""
 
-    method: Method = "rpiq"
+    mode: CalibMode = "sequential"
+    compensate: bool | None = Field(
+        None,
+        description="fit every linear to the full-precision model's outputs (full-precision inputs, "
+        "full-precision weights) instead of its own weights on the already-degraded inputs, so each layer "
+        "compensates what the layers before it got wrong. sequential: on the whole calibration set "
+        "(`quantizer.layer.compensation_target`), at the cost of a second resident stream of hidden states "
+        "and one extra partial forward per group. single-instance: stage 1 too fits the kept batch's blended "
+        "objective (`quantizer.layer.instance_target`), at no memory cost (stage 2 always does). "
+        "None = on for RPIQ (its closed loop across layers), off for GPTQ (GPTQ-classic)",
+    )
+    compensation_percdamp: float = Field(
+        1.0,
+        ge=0.0,
+        description="with compensation: ridge of the least-squares target "
+        "W* = (W C + l W)(H + l I)^-1, l = this x mean(diag H); larger pulls the target towards W. "
+        "1.0 measured best of 0.01/0.1/1.0 on both real models (README, evidence report): with 0.01 the "
+        "target overfits the calibration tokens (Gemma-3-270M got worse than plain GPTQ)",
+    )
+    instance_windows: int = Field(
+        4,
+        ge=1,
+        description="single-instance: calibration windows kept as the resident batch that drives stage 2 "
+        "(measured on the embedded model: 1 window overfits, 4 help; README)",
+    )
+    instance_weight: float = Field(
+        0.25,
+        ge=0.0,
+        le=1.0,
+        description="single-instance: weight w of the kept batch's real output error in the "
+        "stage-2 objective (1-w) tr(E H E^T) + w 2/n ||Y - Xq Wq^T||^2; 1 = the batch alone, 0 = Hessian only. "
+        "Chosen by measurement on the embedded model (README, single-instance)",
+    )
+    offload_hessians: bool = Field(
+        False,
+        description="single-instance: keep every linear's running Hessian, and every decoder layer outside "
+        "its own forward, in host memory. Each batch's X^T X is still formed on the device and only that "
+        "[in, in] product is copied; each layer's weights are copied in for its forward (once per window "
+        "in pass 1), so the device holds the embeddings, one layer and one batch",
+    )
+    hessian_budget_mib: float | None = Field(
+        None,
+        gt=0,
+        description="single-instance: the most Hessian memory (MiB) held at once. Pass 1 then streams the "
+        "calibration windows once per run of consecutive layers whose Hessians fit, stores each run's Hessians "
+        "on disk (the resume state directory, else a temporary one), and pass 2 reads one layer's at a time. "
+        "Still one batch resident; costs one partial forward per extra pass. None = every layer's Hessians in "
+        "memory from a single pass",
+    )
+
+    @model_validator(mode="after")
+    def _options_fit_the_mode(self) -> CalibrationConfig:
+        for option in ("offload_hessians", "hessian_budget_mib"):
+            if getattr(self, option) not in (None, False) and self.mode != "single-instance":
+                raise ValueError(
+                    f"{option} applies to single-instance calibration, the mode that holds every "
+                    "layer's Hessians at once; sequential holds one layer's"
+                )
+        return self
+
+
+class RTNConfig(_Frozen):
+    """Round-to-nearest on each group's min/max grid: the baseline every method must beat."""
+
+    method: Literal["rtn"] = "rtn"
+    grid: GridConfig = GridConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
+
+    @property
+    def gptq(self) -> GPTQConfig:
+        """RTN runs no GPTQ; the stage-1 defaults stand in where a reader asks (the Hessian's damping
+        when fitting a compensation target, the checkpoint's `damp_percent`)."""
+        return GPTQConfig()
+
+    @property
+    def compensate(self) -> bool:
+        return bool(self.calibration.compensate)
+
+
+class GPTQMethodConfig(_Frozen):
+    """GPTQ alone (stage 1); compensation is off unless `calibration.compensate` turns it on."""
+
+    method: Literal["gptq"] = "gptq"
+    grid: GridConfig = GridConfig()
+    gptq: GPTQConfig = GPTQConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
+
+    @property
+    def compensate(self) -> bool:
+        return bool(self.calibration.compensate)
+
+
+class RPIQConfig(_Frozen):
+    """GPTQ, then the Gauss-Seidel refinement; compensation is on unless `calibration.compensate` is False."""
+
+    method: Literal["rpiq"] = "rpiq"
     grid: GridConfig = GridConfig()
     gptq: GPTQConfig = GPTQConfig()
     refine: RefineConfig = RefineConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
+    ablation: AblationConfig = AblationConfig()
+
+    @property
+    def compensate(self) -> bool:
+        return self.calibration.compensate is not False
+
+
+QuantConfig = Annotated[RTNConfig | GPTQMethodConfig | RPIQConfig, Field(discriminator="method")]
+"""Any method's config; `config.method` says which."""
+
+METHOD_CONFIGS: dict[str, type[RTNConfig | GPTQMethodConfig | RPIQConfig]] = {
+    "rtn": RTNConfig,
+    "gptq": GPTQMethodConfig,
+    "rpiq": RPIQConfig,
+}
+_QUANT_CONFIG: TypeAdapter[RTNConfig | GPTQMethodConfig | RPIQConfig] = TypeAdapter(QuantConfig)
+
+
+def quant_config(method: str = "rpiq", **sections: Any) -> RTNConfig | GPTQMethodConfig | RPIQConfig:
+    """`method`'s config with the given sections, e.g. `quant_config("gptq", grid=GridConfig(bits=3))`."""
+    if method not in METHOD_CONFIGS:
+        raise ValueError(f"method={method!r} is not one of {', '.join(METHOD_CONFIGS)}")
+    return METHOD_CONFIGS[method](**sections)
+
+
+def parse_config(data: dict[str, Any]) -> RTNConfig | GPTQMethodConfig | RPIQConfig:
+    """A config from its JSON form (`config.model_dump()`, a recipe file); `method` defaults to rpiq."""
+    return _QUANT_CONFIG.validate_python({"method": "rpiq", **data})

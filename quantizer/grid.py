@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gptq_format.weight import dequantize_codes
+
 from .config import GridConfig
 
 
@@ -50,17 +52,6 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, max
     return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
 
 
-def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    return scale * (q - zero)
-
-
 def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
     """Round `w` to the nearest grid point (the value the int4 kernel will compute with)."""
     return dequantize_codes(quantize_codes(w, scale, zero, maxq), scale, zero)
-
-
-def column_groups(in_features: int, group_size: int) -> torch.Tensor:
-    """Group index of each column in natural order; the last group may be shorter."""
-    if group_size == -1:
-        return torch.zeros(in_features, dtype=torch.int32)
-    return (torch.arange(in_features) // group_size).to(torch.int32)

@@ -9,12 +9,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import QuantConfig
+from gptq_format import QuantizedWeight
+from gptq_format.weight import column_groups
+
+from .config import QuantConfig, RPIQConfig
 from .gptq import gptq_quantize
-from .grid import column_groups, fit_params, quantize_codes
+from .grid import fit_params, quantize_codes
 from .hessian import cholesky_lower, inverse_cholesky_upper, prepare_hessian
-from .refine import HessianResidual, InstanceResidual, refine
-from .result import LayerReport, QuantizedWeight
+from .refine import HessianResidual, InstanceResidual, WorkingLayer, refine
+from .result import LayerReport
 
 
 @dataclass
@@ -81,11 +84,11 @@ def quantize_weight(
 
     Returns the codes/grid in GPTQ's logical layout and a report of the layer loss after RTN,
     after stage 1 and after every stage-2 round. With `instance`, stage 2 uses the
-    single-instance residual instead of `E @ H`. With `cross` (`2/N X_fp^T X`, see
+    single-instance residual instead of `E @ H`, weighted by `config.calibration.instance_weight`. With `cross` (`2/N X_fp^T X`, see
     `compensation_target`), both stages fit the full-precision model's outputs instead of `W`'s
     own outputs on the degraded inputs; the reported losses are then measured against that target.
     """
-    cfg = config or QuantConfig()
+    cfg = config or RPIQConfig()
     validate_inputs(W, H)
     if cross is not None and cross.shape != H.shape:
         raise ValueError(f"cross term shape {tuple(cross.shape)} does not match the Hessian's {tuple(H.shape)}")
@@ -143,20 +146,20 @@ def _quantize_weight(
     cross: torch.Tensor | None,
     name: str,
 ) -> tuple[QuantizedWeight, LayerReport]:
-    grid = cfg.grid
+    grid, cal = cfg.grid, cfg.calibration
     device = W.device
     out, n = W.shape
     W = W.detach().float().clone()
     H0 = H.detach().float().to(device)
-    if instance is not None and instance.compensate and cfg.refine.instance_weight > 0:
+    if instance is not None and instance.compensate and cal.instance_weight > 0:
         # Both stages then fit the blended objective; stage 2 needs no separate residual.
-        W, H0 = instance_target(W, H0, instance, cfg.refine.instance_weight, cfg.gptq.compensation_percdamp)
+        W, H0 = instance_target(W, H0, instance, cal.instance_weight, cal.compensation_percdamp)
         instance = None
     prep = prepare_hessian(H0, cfg.gptq.percdamp)
     W[:, prep.dead] = 0.0
     if cross is not None:
         # The target's own ridge: prep.H carries the GPTQ damping, swapped here for `lam`.
-        lam = cfg.gptq.compensation_percdamp * (float(torch.mean(torch.diagonal(prep.H))) - prep.damp)
+        lam = cal.compensation_percdamp * (float(torch.mean(torch.diagonal(prep.H))) - prep.damp)
         Hc = prep.H + (lam - prep.damp) * torch.eye(n, device=device)
         W = compensation_target(W, cross.detach().float().to(device), Hc, lam)
         W[:, prep.dead] = 0.0
@@ -168,6 +171,7 @@ def _quantize_weight(
     if cfg.method == "rtn":
         return rtn, report
 
+    # Stage 1: GPTQ in working column order (act-order permutes it).
     t0 = time.perf_counter()
     act = cfg.gptq.act_order
     perm = torch.argsort(torch.diagonal(prep.H), descending=True) if act else torch.arange(n, device=device)
@@ -183,44 +187,20 @@ def _quantize_weight(
     U = inverse_cholesky_upper(Hp)
     st1 = gptq_quantize(Wp, U, grid, cfg.gptq.block_size, col_group, fixed)
     report.time_gptq_s = time.perf_counter() - t0
-    Q, codes, scales, zeros = st1.Q, st1.codes, st1.scales, st1.zeros
-    report.loss_gptq = layer_loss(W, Q[:, invperm], H0)
+    work = WorkingLayer(Wp, st1.Q, st1.codes, st1.scales, st1.zeros, col_group, Hp, prep.damp)
+    report.loss_gptq = layer_loss(W, work.Q[:, invperm], H0)
 
-    if cfg.method == "rpiq" and cfg.refine.rounds > 0:
+    if isinstance(cfg, RPIQConfig) and cfg.refine.rounds > 0:
+        # Stage 2: the Gauss-Seidel refinement, on the layer loss or the single-instance residual.
         t1 = time.perf_counter()
-        # Optional ridge on the stage-2 objective: tr(E (H + lambda_r I) E^T) keeps the refinement
-        # from moving weights far along directions the calibration data barely constrains.
-        H0p = H0[perm][:, perm]
-        if cfg.refine.percdamp > 0:
-            lam_r = cfg.refine.percdamp * float(torch.mean(torch.diagonal(H0)))
-            H0p.diagonal().add_(lam_r)
-            Hp.diagonal().add_(lam_r)  # Hp is this function's own permuted copy
-        if instance is None or cfg.refine.instance_weight == 0:
-            residual = HessianResidual(Wp, Q, H0p)
-        else:
-            Xq, Y = instance.Xq.to(device), instance.Y.to(device)
-            if act:  # working column order (an identity permutation would only copy Xq)
-                Xq = Xq[:, perm]
-            residual = InstanceResidual(Wp, Q, H0p, Xq, Y, cfg.refine.instance_weight)
-        outcome = refine(
-            Wp,
-            Q,
-            codes,
-            Hp,
-            prep.damp,
-            residual,
-            col_group,
-            scales,
-            zeros,
-            grid,
-            cfg.refine,
-            cfg.gptq.block_size,
-        )
+        residual = _stage2_residual(work, H0, perm, cfg, instance)
+        outcome = refine(work, residual, grid, cfg.refine, cfg.ablation, cfg.gptq.block_size)
         report.accepted_rounds = outcome.accepted_rounds
         report.objective_rounds = outcome.objective_rounds
-        report.loss_refined = layer_loss(W, Q[:, invperm], H0)
+        report.loss_refined = layer_loss(W, work.Q[:, invperm], H0)
         report.time_refine_s = time.perf_counter() - t1
 
+    codes, scales, zeros = work.codes, work.scales, work.zeros
     qw = QuantizedWeight(
         codes=codes[:, invperm].to(torch.uint8),
         scales=scales,
@@ -231,6 +211,29 @@ def _quantize_weight(
         sym=grid.sym,
     )
     return qw, report
+
+
+def _stage2_residual(
+    work: WorkingLayer, H0: torch.Tensor, perm: torch.Tensor, cfg: RPIQConfig, instance: Instance | None
+) -> HessianResidual | InstanceResidual:
+    """What stage 2 descends: the layer loss, or its blend with the kept batch's output error.
+
+    The optional ridge `tr(E (H + lambda_r I) E^T)` (`RefineConfig.percdamp`) keeps the
+    refinement from moving weights far along directions the calibration data barely constrains;
+    it is added to `work.H` too (the step's preconditioner, this layer's own permuted copy).
+    """
+    H0p = H0[perm][:, perm]
+    if cfg.refine.percdamp > 0:
+        lam_r = cfg.refine.percdamp * float(torch.mean(torch.diagonal(H0)))
+        H0p.diagonal().add_(lam_r)
+        work.H.diagonal().add_(lam_r)
+    weight = cfg.calibration.instance_weight
+    if instance is None or weight == 0:
+        return HessianResidual(work.W, work.Q, H0p)
+    Xq, Y = instance.Xq.to(work.W.device), instance.Y.to(work.W.device)
+    if cfg.gptq.act_order:  # working column order (an identity permutation would only copy Xq)
+        Xq = Xq[:, perm]
+    return InstanceResidual(work.W, work.Q, H0p, Xq, Y, weight)
 
 
 def rtn_quantize(W: torch.Tensor, groups: torch.Tensor, cfg: QuantConfig) -> QuantizedWeight:

@@ -33,7 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from tqdm.auto import tqdm
 
-from models.adapters import ModelAdapter, UnsupportedModelError, get_adapter
+from gptq_format import QuantizedWeight
+from quantizer.adapters import ModelAdapter, UnsupportedModelError, get_adapter
 
 from .capture import (
     Batch,
@@ -51,7 +52,7 @@ from .hessian_store import HessianStore, hessian_bytes, plan_passes
 from .layer import Instance, quantize_weight
 from .memory import release_freed_memory
 from .offload import layers_visit
-from .result import LayerReport, QuantizedWeight
+from .result import LayerReport
 from .resume import RunState, fingerprint
 
 CalibMode = Literal["sequential", "single-instance"]

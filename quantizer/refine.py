@@ -14,17 +14,19 @@ are computed per row, and `accept="row"` keeps the rows that improved. The loss 
 block step `D_j` (the change of `E_j`) is `2 <D_j, G_j> + <D_j C_jj, D_j>`, so no full loss is
 ever recomputed.
 
-Two residual sources share that loop (`rpiq.md`, "single-instance calibration"):
+Two residual sources share that loop (`docs/algorithm.md`, "single-instance calibration"):
 - `HessianResidual`: `G = E H` from the global calibration Hessian (maintained incrementally);
 - `InstanceResidual`: one kept batch run through the partly quantized network,
   `R = Y - Xq Wq^T` against the full-precision outputs `Y`. Its objective, `2/n ||R||^2`, is the
   real output error of this layer including what earlier layers got wrong; its gradient is
   `G_j = 2/n R^T Xq_j` (scaled like `H = 2/N X^T X`). One batch is a noisy estimate, so it is
-  blended with the global loss, `(1-w) tr(E H E^T) + w 2/n ||R||^2` (`instance_weight` = w);
+  blended with the global loss, `(1-w) tr(E H E^T) + w 2/n ||R||^2`
+  (`CalibrationConfig.instance_weight` = w);
   the step is preconditioned by the global `inv(H_jj)` either way.
 
 Acceptance measures the objective itself (the undamped layer loss unless `RefineConfig.percdamp` adds a
-ridge); the GPTQ damping only stabilises the step.
+ridge); the GPTQ damping only stabilises the step. The closed loop, backtracking and grid re-fit
+switches are `AblationConfig`'s.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import GridConfig, RefineConfig
+from .config import AblationConfig, GridConfig, RefineConfig
 from .gptq import quantize_block
 from .grid import fit_params
 from .hessian import inverse_cholesky_upper
@@ -114,86 +116,102 @@ Residual = HessianResidual | InstanceResidual
 
 
 @dataclass
+class WorkingLayer:
+    """One layer after stage 1, in working (possibly act-order permuted) column order.
+
+    Stage 2 rewrites `Q`, `codes` (and `scales`/`zeros` with `refit_grid`) in place. `H` is the
+    damped Hessian that preconditions the step, `damp` its diagonal shift.
+    """
+
+    W: torch.Tensor  # [out, in] the target
+    Q: torch.Tensor  # [out, in] dequantized codes
+    codes: torch.Tensor  # [out, in]
+    scales: torch.Tensor  # [ngroups, out]
+    zeros: torch.Tensor  # [ngroups, out]
+    col_group: torch.Tensor  # [in] group of each working column
+    H: torch.Tensor
+    damp: float
+
+
+@dataclass
 class RefineOutcome:
     objective_rounds: list[float]
     accepted_rounds: list[float]
 
 
+@dataclass
+class _Sweep:
+    """What every block step of one refinement shares."""
+
+    layer: WorkingLayer
+    E: torch.Tensor  # W - Q, kept in step with Q
+    residual: Residual
+    grid: GridConfig
+    cfg: RefineConfig
+    ablation: AblationConfig
+
+
+@dataclass
+class _Block:
+    cols: slice
+    Hinv: torch.Tensor  # inv(H_jj): the step's preconditioner
+    U: torch.Tensor  # upper Cholesky of inv(H_jj): within-block GPTQ
+
+
 def refine(
-    W: torch.Tensor,
-    Q: torch.Tensor,
-    codes: torch.Tensor,
-    H: torch.Tensor,
-    damp: float,
+    layer: WorkingLayer,
     residual: Residual,
-    col_group: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
     grid: GridConfig,
     cfg: RefineConfig,
+    ablation: AblationConfig,
     block_size: int,
 ) -> RefineOutcome:
-    """Run stage 2 in place on `Q`, `codes` (and `scales`/`zeros` if `cfg.refit_grid`).
+    """Run stage 2 in place on `layer`: up to `cfg.rounds` Gauss-Seidel sweeps over its blocks.
 
-    All tensors are in working (possibly act-order permuted) column order; `H` is the damped
-    Hessian that preconditions the step, `damp` its diagonal shift.
+    `block_size` is stage 1's block size, the default refinement block.
     """
-    n = W.shape[1]
+    n = layer.W.shape[1]
     bs = cfg.block_size or block_size
-    blocks = [slice(i, min(i + bs, n)) for i in range(0, n, bs)]
-    # Per block: inv(H_jj) for the step, and the upper Cholesky of it for within-block GPTQ.
-    Hjj_inv = [torch.cholesky_inverse(torch.linalg.cholesky(H[b, b])) for b in blocks]
-    Ujj = [inverse_cholesky_upper(H[b, b]) for b in blocks]
-    E = W - Q
-    objective = [residual.objective(E)]
+    blocks = []
+    for i in range(0, n, bs):
+        b = slice(i, min(i + bs, n))
+        Hjj = layer.H[b, b]
+        blocks.append(_Block(b, torch.cholesky_inverse(torch.linalg.cholesky(Hjj)), inverse_cholesky_upper(Hjj)))
+    sweep = _Sweep(layer, layer.W - layer.Q, residual, grid, cfg, ablation)
+    objective = [residual.objective(sweep.E)]
     accepted_rounds: list[float] = []
     for _ in range(cfg.rounds):
-        accepted = torch.zeros(W.shape[0], dtype=torch.bool, device=W.device)
-        for b, Hinv, U in zip(blocks, Hjj_inv, Ujj, strict=True):
-            acc = _refine_block(W, Q, codes, E, residual, b, Hinv, U, damp, col_group, scales, zeros, grid, cfg)
-            accepted |= acc
+        accepted = torch.zeros(layer.W.shape[0], dtype=torch.bool, device=layer.W.device)
+        for block in blocks:
+            accepted |= _refine_block(sweep, block)
         accepted_rounds.append(float(accepted.float().mean()))
-        objective.append(residual.objective(E))
+        objective.append(residual.objective(sweep.E))
         prev, new = objective[-2], objective[-1]
         if prev <= 0 or (prev - new) / prev < cfg.tol:
             break
     return RefineOutcome(objective_rounds=objective[1:], accepted_rounds=accepted_rounds)
 
 
-def _refine_block(
-    W: torch.Tensor,
-    Q: torch.Tensor,
-    codes: torch.Tensor,
-    E: torch.Tensor,
-    residual: Residual,
-    b: slice,
-    Hinv: torch.Tensor,
-    U: torch.Tensor,
-    damp: float,
-    col_group: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    grid: GridConfig,
-    cfg: RefineConfig,
-) -> torch.Tensor:
-    """One Gauss-Seidel step on block `b`; returns the mask of rows whose codes changed.
+def _refine_block(sweep: _Sweep, block: _Block) -> torch.Tensor:
+    """One Gauss-Seidel step on one block; returns the mask of rows whose codes changed.
 
     Rows are independent (the loss is a sum over output rows), so a rejected row retries with
     its own halved step while accepted rows stay put. Every attempt works on all rows with
     per-row masks rather than gathering the pending ones: on a CPU the per-call overhead of the
     column loop, not its arithmetic, sets the cost, and full-width slices avoid scatter/gather.
     """
-    out = W.shape[0]
+    layer, E, residual, ablation, b = sweep.layer, sweep.E, sweep.residual, sweep.ablation, block.cols
+    W, Q, codes, scales, zeros = layer.W, layer.Q, layer.codes, layer.scales, layer.zeros
     C = residual.curvature(b)
     Gtrue = residual.gradient(b).clone()  # rows are independent: fixed for this block step
-    step = (Gtrue + damp * E[:, b]) @ Hinv  # full step to the damped block optimum
-    idx = col_group[b].long()
+    step = (Gtrue + layer.damp * E[:, b]) @ block.Hinv  # full step to the damped block optimum
+    idx = layer.col_group[b].long()
     S0, Z0 = scales[idx], zeros[idx]  # [cnt, out]: one row per column, as quantize_block wants
-    inner = _groups_inside(col_group, b) if cfg.refit_grid else []
-    todo = torch.ones(out, dtype=torch.bool, device=W.device)
+    inner = _groups_inside(layer.col_group, b) if ablation.refit_grid else []
+    todo = torch.ones(W.shape[0], dtype=torch.bool, device=W.device)
     changed = torch.zeros_like(todo)
-    alpha = cfg.alpha
-    for _ in range(cfg.backtrack + 1):
+    alpha = sweep.cfg.alpha
+    for _ in range(ablation.backtrack + 1):
         Qb = Q[:, b]
         T = Qb + alpha * step
         S, Z = S0, Z0
@@ -201,28 +219,27 @@ def _refine_block(
         if inner:
             S, Z = S0.clone(), Z0.clone()
             for g, cols in inner:
-                p = fit_params(T[:, cols], grid)
+                p = fit_params(T[:, cols], sweep.grid)
                 S[cols] = p.scale
                 Z[cols] = p.zero
                 new_params[g] = p
-        res = quantize_block(T, U, S, Z, grid.maxq)
+        res = quantize_block(T, block.U, S, Z, sweep.grid.maxq)
         D = Qb - res.Q  # the change of E on this block
         dL = 2.0 * torch.sum(D * Gtrue, dim=1) + torch.sum((D @ C) * D, dim=1)
         moved = torch.any(D != 0, dim=1)
-        keep = _acceptance(dL, cfg.accept) & moved & todo
+        keep = _acceptance(dL, ablation.accept) & moved & todo
         if keep.any():
             k = keep.unsqueeze(1)
-            Dk = D * k
             Q[:, b] = torch.where(k, res.Q, Qb)
             codes[:, b] = torch.where(k, res.codes, codes[:, b])
             E[:, b] = W[:, b] - Q[:, b]
-            residual.update(b, Dk)
+            residual.update(b, D * k)
             for g, p in new_params.items():
                 scales[g] = torch.where(keep, p.scale, scales[g])
                 zeros[g] = torch.where(keep, p.zero, zeros[g])
             changed |= keep
         todo &= ~(keep | ~moved)
-        if cfg.accept == "always" or not todo.any():
+        if ablation.accept == "always" or not todo.any():
             break
         alpha *= 0.5
     return changed

@@ -1,40 +1,11 @@
-"""What quantizing one linear layer produces: codes on the grid and a per-layer report."""
+"""What quantizing one linear layer reports: its loss after each step and where the time went.
+
+The codes themselves are a `gptq_format.QuantizedWeight`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import torch
-
-from .grid import dequantize_codes
-
-
-@dataclass
-class QuantizedWeight:
-    """A weight in GPTQ's logical layout (before int32 packing).
-
-    `codes[o, i]` is the integer code of `W[o, i]`; column `i` uses group `g_idx[i]`, whose
-    parameters are `scales[g_idx[i], o]` and `zeros[g_idx[i], o]`.
-    """
-
-    codes: torch.Tensor  # [out, in] uint8
-    scales: torch.Tensor  # [groups, out] float32 (fp16-representable by default)
-    zeros: torch.Tensor  # [groups, out] int32
-    g_idx: torch.Tensor  # [in] int32
-    bits: int
-    group_size: int
-    sym: bool
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.codes.shape)  # type: ignore[return-value]
-
-    def dequantize(self) -> torch.Tensor:
-        """The float32 weight [out, in] that these codes stand for."""
-        g = self.g_idx.long()
-        scale = self.scales[g].t()
-        zero = self.zeros[g].t().float()
-        return dequantize_codes(self.codes.float(), scale, zero)
 
 
 @dataclass

@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 
-from .result import LayerReport, QuantizedWeight
+from gptq_format import QuantizedWeight
+
+from .result import LayerReport
 
 
 def fingerprint(**parts: Any) -> str:

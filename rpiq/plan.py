@@ -101,7 +101,7 @@ def _linear_names(model: nn.Module, adapter: Any) -> Iterable[tuple[str, str]]:
 
 def plan_model(model: nn.Module, name: str, bits: int = 4, group_size: int = 128) -> Plan:
     """Assign every parameter of `model` (meta tensors are fine) to a component and cost it."""
-    from models.adapters import VISION_TOKEN_TYPE, get_adapter
+    from quantizer.adapters import VISION_TOKEN_TYPE, get_adapter
 
     adapter = get_adapter(model, allow_discovery=False)
     plan = Plan(name, bits, group_size)
@@ -154,7 +154,7 @@ def calibration_memory(model: nn.Module, nsamples: int, seqlen: int, act_bytes: 
     The Hessian figure is the bound the budget planner uses (`quantizer.hessian_store`): one
     `in x in` float32 matrix per linear, though members fed the same input share one.
     """
-    from models.adapters import get_adapter
+    from quantizer.adapters import get_adapter
     from quantizer.hessian_store import hessian_bytes
 
     adapter = get_adapter(model, allow_discovery=False)
@@ -194,7 +194,7 @@ def load_config(source: str) -> tuple[Any, str]:
         raise ValueError(f"{source!r} is neither 'cogvlm2' nor a directory with a config.json")
     from transformers import AutoConfig
 
-    import models.architectures  # noqa: F401  (registers cogvlm2)
+    import models.cogvlm2  # noqa: F401  (registers model_type "cogvlm2" for configs of that type)
 
     return AutoConfig.from_pretrained(str(path), local_files_only=True), path.name
 

@@ -12,14 +12,16 @@ command -v "$PY" >/dev/null || PY=python3
 # Debian packages the project needs: espeak-ng (the server's speech, via pyttsx3), DejaVu fonts (the
 # server tests render text with exact ground truth), libgl1/libglib2.0-0 (OpenCV, pulled in by rapidocr),
 # chromium/chromium-driver (tests/ui drive the web page in headless Chromium; no browser download).
+# RPIQ_NO_APT=1 skips apt entirely (install these yourself; tests needing them then skip cleanly).
 APT_PACKAGES=(espeak-ng fonts-dejavu-core libgl1 libglib2.0-0 chromium chromium-driver)
 # npm (with Debian's nodejs) installs axe-core for the page's accessibility check; kept if node is already there.
 command -v npm >/dev/null || APT_PACKAGES+=(npm)
-if [ ${#APT_PACKAGES[@]} -gt 0 ] && command -v apt-get >/dev/null; then
+if [ "${RPIQ_NO_APT:-0}" != "1" ] && command -v apt-get >/dev/null; then
   missing=()
   for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
   if [ ${#missing[@]} -gt 0 ]; then
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    echo "rpiq: installing Debian packages: ${missing[*]} (RPIQ_NO_APT=1 skips this)"
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${missing[@]}"
   fi
 fi

@@ -104,8 +104,8 @@ class Engine:
     def load(self) -> None:
         from models.architectures import is_vision_language
         from models.inference import load_for_inference
+        from models.loading import DTYPES, is_quantized_checkpoint, resolve_model
         from models.vlm import ProcessorLoadError, is_cogvlm_style, load_processor
-        from quantizer.loading import DTYPES, is_quantized_checkpoint, resolve_model
 
         if self.threads:
             torch.set_num_threads(self.threads)

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
+from gptq_format import QuantizedWeight
 from quantizer.config import QuantConfig
 from quantizer.layer import quantize_weight
-from quantizer.result import QuantizedWeight
 
 
 def tiny_llama(layers: int = 2, hidden: int = 64) -> LlamaForCausalLM:

@@ -20,18 +20,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
-import models.checkpoint as ckpt_mod
-from models.checkpoint import (
-    CheckpointError,
-    QuantizedCheckpoint,
-    dequantized_model,
-    load_quantized_state,
-    save_quantized,
-)
+import gptq_format.writer as ckpt_mod
+from gptq_format import CheckpointError, QuantizedCheckpoint, QuantizedWeight, load_quantized_state, save_quantized
+from models.dequantized import dequantized_model
 from quantizer.config import GPTQConfig, GridConfig, QuantConfig
 from quantizer.layer import quantize_weight
-from quantizer.result import QuantizedWeight
 
+from .limits import generous
 from .quantized_models import logits, quantize_linears, substituted, tiny_llama, tiny_opt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -485,7 +480,7 @@ def test_gptqmodel_loads_our_checkpoints(llama, quantized, tmp_path):
         [sys.executable, "-c", _THIRD_PARTY_SCRIPT, str(result_file), *paths.values()],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=generous(300),
         env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

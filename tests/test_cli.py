@@ -9,7 +9,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
-from models.checkpoint import load_quantized_state
+from gptq_format import load_quantized_state
 from rpiq.cli import app
 
 runner = CliRunner()

@@ -18,7 +18,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import models.cogvlm2
-from models.checkpoint import CheckpointError
+from gptq_format import CheckpointError
 from models.int4 import load_quantized
 from models.vlm import chat_inputs
 from rpiq.cli import app
@@ -129,7 +129,7 @@ def test_rotary_frequencies_survive_from_pretrained(remote_dir):
     """They are a non-persistent buffer: `from_pretrained` must recompute them, not leave empty memory."""
     import torch.utils.deterministic
 
-    from quantizer.loading import load_fp_model
+    from models.loading import load_fp_model
 
     before = torch.utils.deterministic.fill_uninitialized_memory, torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import quantizer.pipeline as pipeline
-from models.adapters import get_adapter
+from quantizer.adapters import get_adapter
 from quantizer.capture import GroupHessians
 from quantizer.config import GPTQConfig, GridConfig, QuantConfig
 from quantizer.hessian_store import HessianStore, hessian_bytes, plan_passes

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.checkpoint import CheckpointError, dequantized_model, save_quantized
+from gptq_format import CheckpointError, QuantizedWeight, save_quantized
+from models.dequantized import dequantized_model
 from models.int4 import (
     KERNELS,
     DequantLinear,
@@ -23,7 +24,6 @@ from models.int4 import (
 from models.int4.layout import LayoutError, dequantize_layout, tinygemm_layout
 from quantizer.config import GPTQConfig, GridConfig, QuantConfig
 from quantizer.layer import quantize_weight
-from quantizer.result import QuantizedWeight
 
 from .layers import realistic_layer
 from .quantized_models import logits, quantize_linears, tiny_llama, tiny_opt

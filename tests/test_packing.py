@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.packing import (
+from gptq_format.packing import (
     SUPPORTED_BITS,
     pack_qweight,
     pack_qzeros,
@@ -301,7 +301,7 @@ def test_unpack_rejects_wrong_dtype_and_count() -> None:
 @pytest.mark.parametrize("bits", [3, 4])
 def test_unpack_across_column_chunks(bits):
     """Wide layers (LM heads) are unpacked in column chunks; the chunk seams must be invisible."""
-    from models.packing import _UNPACK_CHUNK
+    from gptq_format.packing import _UNPACK_CHUNK
 
     g = torch.Generator().manual_seed(bits)
     codes = torch.randint(0, 2**bits, (_UNPACK_CHUNK + 40, 64), generator=g, dtype=torch.uint8)

@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from models.adapters import LLAMA_LIKE_GROUPS, UnsupportedModelError, discover_adapter, get_adapter
+from quantizer.adapters import LLAMA_LIKE_GROUPS, UnsupportedModelError, discover_adapter, get_adapter
 from quantizer.capture import capture_first_layer_inputs, run_layer
 from quantizer.config import GPTQConfig, GridConfig, QuantConfig, RefineConfig
 from quantizer.pipeline import CalibrationConfig, ModelQuantization, quantize_model
@@ -284,7 +284,8 @@ def test_offloaded_hessians_stay_on_the_host_and_free_the_gpu():
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])  # tied head (llama here) and OPT's tied head
 def test_lm_head_quantization_unties_and_round_trips_through_a_checkpoint(arch, tmp_path):
-    from models.checkpoint import dequantized_model, load_quantized_state, save_quantized
+    from gptq_format import load_quantized_state, save_quantized
+    from models.dequantized import dequantized_model
     from models.int4 import QuantLinear, load_quantized
 
     model = tiny_model(arch)

@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from models.checkpoint import save_quantized
+from gptq_format import save_quantized
 from models.cogvlm2 import CogVLM2Config
 from quantizer.config import GridConfig, QuantConfig
 from quantizer.pipeline import quantize_model

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from models.packing import pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
+from gptq_format.packing import pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
 from quantizer.config import GPTQConfig, GridConfig, QuantConfig, RefineConfig
 from quantizer.grid import fake_quantize, fit_params
 from quantizer.hessian import HessianAccumulator, prepare_hessian

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from models.adapters import get_adapter
-from models.checkpoint import save_quantized
+from gptq_format import save_quantized
 from models.int4 import load_quantized
 from models.int4.linear import QuantLinear
+from quantizer.adapters import get_adapter
 from quantizer.capture import capture_first_layer_inputs, run_layer
 from quantizer.config import GPTQConfig, GridConfig, QuantConfig
 from quantizer.pipeline import quantize_model

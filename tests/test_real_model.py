@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.adapters import get_adapter
+from models.loading import load_fp_model
+from quantizer.adapters import get_adapter
 from quantizer.config import GridConfig, QuantConfig
 from quantizer.data import calibration_windows, evaluation_windows, load_text
 from quantizer.evaluate import perplexity
 from quantizer.layer import layer_loss, quantize_weight
-from quantizer.loading import load_fp_model
 from quantizer.pipeline import quantize_model, stream_hessians
 
 pytestmark = pytest.mark.slow

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.limits import generous
+
 ROOT = Path(__file__).resolve().parent.parent
 REF_PYTHON = ROOT / ".venv-ref" / "bin" / "python"
 SCRIPT = ROOT / "benchmarks" / "reference_gptq.py"
@@ -30,9 +32,9 @@ def ref_python() -> Path:
 
 
 def _fp_ppl(model_dir: Path) -> float:
+    from models.loading import load_fp_model
     from quantizer.data import evaluation_windows, load_text
     from quantizer.evaluate import perplexity
-    from quantizer.loading import load_fp_model
 
     model, tok, _ = load_fp_model(str(model_dir))
     ev = evaluation_windows(tok, load_text("heldout"), QUICK["eval_seqlen"], max_windows=QUICK["eval_windows"])
@@ -47,7 +49,7 @@ def test_reference_gptq_quick_run(ref_python, default_model_dir, tmp_path):
         "--eval", "heldout", "--eval-seqlen", str(QUICK["eval_seqlen"]),
         "--eval-windows", str(QUICK["eval_windows"]), "--eval2", "calib", "--fp-ppl", "--out", str(out),
     ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=generous(900))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert out.is_file()
     row = json.loads(out.read_text())

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.limits import generous
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,7 +21,7 @@ def test_quick_report_writes_json_markdown_plot_and_orders_rtn_above_gptq(tmp_pa
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=generous(900),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())

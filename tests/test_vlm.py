@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-from models.adapters import get_adapter
-from models.checkpoint import save_quantized
+from gptq_format import save_quantized
 from models.int4 import load_quantized
+from quantizer.adapters import get_adapter
 from quantizer.config import GPTQConfig, GridConfig, QuantConfig
 from quantizer.pipeline import CalibrationConfig, quantize_model
 from quantizer.vlm_calibration import PHOTOS, TEXTS, builtin_samples
@@ -130,7 +130,7 @@ def test_cli_quantizes_a_vlm_directory_with_images(family, tmp_path):
     builds it without, so the directory a user has quantizes as it is."""
     from typer.testing import CliRunner
 
-    from quantizer.loading import load_processor
+    from models.loading import load_processor
     from rpiq.cli import app
     from tests.vlm_checkpoints import save_source
 

@@ -25,11 +25,10 @@ from typing import Any
 
 import torch
 
-from models.checkpoint import save_quantized
+from gptq_format import QuantizedWeight, save_quantized
+from models.loading import load_fp_model
 from quantizer.config import GPTQConfig, GridConfig, QuantConfig
-from quantizer.loading import load_fp_model
 from quantizer.pipeline import quantize_model
-from quantizer.result import QuantizedWeight
 from quantizer.vlm_calibration import builtin_samples, vlm_batches
 from tests.tiny_vlms import FAMILIES, TEMPLATE
 

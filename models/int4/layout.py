@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quantizer.result import QuantizedWeight
+from gptq_format import QuantizedWeight
 
 KERNEL_GROUP_SIZES = (256, 128, 64, 32)
 ROW_TILE = 16  # the CPU kernel needs N % 16 == 0, the CUDA one N % 8 == 0

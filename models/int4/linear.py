@@ -12,13 +12,13 @@ and its checkpoint is the GPTQ directory it was loaded from (`models.checkpoint`
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantizer.result import QuantizedWeight
+from gptq_format import QuantizedWeight
 
 from .layout import nibbles_high_first, tinygemm_layout, unsupported_reason
 
@@ -191,7 +191,10 @@ class TinygemmCUDALinear(_Tinygemm):
 KERNELS: dict[str, type[QuantLinear]] = {
     cls.kernel: cls for cls in (TinygemmCUDALinear, TinygemmCPULinear, DequantLinear)
 }
-KERNEL_CHOICES: tuple[str, ...] = ("auto", *KERNELS)
+# The names a user may pick (CLI options, server settings): "auto" or one kernel above.
+KernelName = Literal["auto", "tinygemm-cuda", "tinygemm-cpu", "dequant"]
+KERNEL_CHOICES: tuple[str, ...] = get_args(KernelName)
+assert set(KERNEL_CHOICES) == {"auto", *KERNELS}, "KernelName must list every kernel"
 # Fastest first; `auto` takes the first one that can run on the device and represent the layer.
 _AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cuda": ("tinygemm-cuda", "dequant"),
@@ -199,7 +202,7 @@ _AUTO_ORDER: dict[str, tuple[str, ...]] = {
 }
 
 
-def kernel_for(name: str, qw: QuantizedWeight, device: torch.device | str) -> type[QuantLinear]:
+def kernel_for(name: KernelName | str, qw: QuantizedWeight, device: torch.device | str) -> type[QuantLinear]:
     """The QuantLinear class that computes `qw` on `device` (`name` a kernel or "auto").
 
     An explicitly named kernel that cannot run is an error saying why; "auto" falls back to the

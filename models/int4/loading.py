@@ -22,8 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from models.checkpoint import CheckpointError, CheckpointStream, open_checkpoint
-from quantizer.result import QuantizedWeight
+from gptq_format import CheckpointError, CheckpointStream, QuantizedWeight, open_checkpoint
 
 from .linear import QuantLinear, kernel_for
 

@@ -23,13 +23,12 @@ All work is vectorised torch ops on the input's device; the only Python loop run
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+from .spec import WORD_BITS as _WORD_BITS
+from .spec import pack_block as _block
+from .weight import SUPPORTED_BITS
 
-_WORD_BITS = 32
 _UNPACK_CHUNK = 4096  # output columns unpacked at a time
 _WORD_MASK = (1 << _WORD_BITS) - 1
 _INT_DTYPES = frozenset(
@@ -52,12 +51,6 @@ _INT_DTYPES = frozenset(
 def _check_bits(bits: int) -> None:
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
         raise ValueError(f"bits={bits!r} is not supported; expected one of {SUPPORTED_BITS}")
-
-
-def _block(bits: int) -> tuple[int, int]:
-    """(values, words) per packing block: 32/bits values in 1 word, or 32 values in 3 words for 3 bits."""
-    g = math.gcd(bits, _WORD_BITS)
-    return _WORD_BITS // g, bits // g
 
 
 def _check_ndim(t: torch.Tensor, name: str) -> None:
