@@ -67,8 +67,8 @@ def _run(job: tuple[str, str, dict[str, Any]]) -> dict[str, Any]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from quantizer.config import GridConfig, QuantConfig
-    from quantizer.pipeline import CalibrationConfig, quantize_model
+    from quantizer.config import CalibrationConfig, GridConfig, quant_config
+    from quantizer.pipeline import quantize_model
 
     spec = dict(SHAPES[shape])
     if args["layers"]:
@@ -81,12 +81,12 @@ def _run(job: tuple[str, str, dict[str, Any]]) -> dict[str, Any]:
     method, cal = MODES[mode]
     if "hessian_budget_mib" in cal:
         cal = dict(cal, hessian_budget_mib=args["hessian_budget_mib"])
-    cfg = QuantConfig(method=method, grid=GridConfig(bits=4, group_size=128))
+    cfg = quant_config(method, grid=GridConfig(bits=4, group_size=128), calibration=CalibrationConfig(**cal))
     cuda = args["device"] == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    result = quantize_model(model, calib, cfg, CalibrationConfig(**cal), device=args["device"], progress=False)
+    result = quantize_model(model, calib, cfg, device=args["device"], progress=False)
     seconds = time.perf_counter() - t0
     return dict(
         shape=shape,

@@ -254,13 +254,13 @@ def _ensure_checkpoint(path: Path, lm_head: bool) -> Path:
         return path
     from gptq_format import save_quantized
     from models.loading import load_fp_model
-    from quantizer.config import GridConfig, QuantConfig
+    from quantizer.config import GridConfig, quant_config
     from quantizer.data import calibration_windows, load_text
     from quantizer.pipeline import quantize_model
 
     model, tok, _ = load_fp_model(None)
     calib = calibration_windows(tok, load_text("calib"), 8, 512, seed=0)
-    cfg = QuantConfig(method="gptq", grid=GridConfig(bits=4, group_size=128))
+    cfg = quant_config("gptq", grid=GridConfig(bits=4, group_size=128))
     res = quantize_model(model, calib, cfg, progress=False, lm_head=lm_head)
     save_quantized(model, res.weights, path, tokenizer=tok, checkpoint_format="gptq_v2", quant_config=cfg)
     return path

@@ -26,10 +26,10 @@ from rich.table import Table
 
 from models.loading import load_fp_model
 from quantizer.adapters import get_adapter
-from quantizer.config import GPTQConfig, GridConfig, QuantConfig, RefineConfig
+from quantizer.config import AblationConfig, GPTQConfig, GridConfig, QuantConfig, RefineConfig, RPIQConfig, quant_config
 from quantizer.data import calibration_windows, load_text
 from quantizer.layer import layer_loss, quantize_weight
-from quantizer.pipeline import stream_hessians
+from quantizer.single_instance import stream_hessians
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -83,13 +83,12 @@ def main() -> None:
     for bits in (4, 3):
         for gs in (128, -1):
             for method in ("rtn", "gptq", "rpiq"):
-                cfg = QuantConfig(method=method, grid=GridConfig(bits=bits, group_size=gs))
+                cfg = quant_config(method, grid=GridConfig(bits=bits, group_size=gs))
                 r = run(data, heldout, cfg)
                 rows.append({"table": "main", "method": method, "bits": bits, "group_size": gs, **r})
                 console.print(rows[-1])
 
     if args.ablation:
-        base = RefineConfig()
         variants = {
             "rounds=1": {"rounds": 1},
             "rounds=2": {"rounds": 2},
@@ -105,22 +104,23 @@ def main() -> None:
             "refine_block=64": {"block_size": 64},
         }
         for bits in (4, 3):
-            gptq_cfg = QuantConfig(method="gptq", grid=GridConfig(bits=bits, group_size=128))
+            gptq_cfg = quant_config("gptq", grid=GridConfig(bits=bits, group_size=128))
             ref = run(data, heldout, gptq_cfg)
             for label, change in {"default": {}, **variants}.items():
-                cfg = QuantConfig(
-                    method="rpiq",
+                # accept, backtrack, refit_grid are ablation switches; the rest stage-2 settings.
+                ablation = {k: v for k, v in change.items() if k in AblationConfig.model_fields}
+                refine = {k: v for k, v in change.items() if k not in ablation}
+                cfg = RPIQConfig(
                     grid=GridConfig(bits=bits, group_size=128),
-                    refine=base.model_copy(update=change),
+                    refine=RefineConfig(**refine),
+                    ablation=AblationConfig(**ablation),
                 )
                 r = run(data, heldout, cfg)
                 r["calib_gain_vs_gptq"] = 1 - r["calib_loss"] / ref["calib_loss"]
                 r["heldout_gain_vs_gptq"] = 1 - r["heldout_loss"] / ref["heldout_loss"]
                 rows.append({"table": "ablation", "variant": label, "bits": bits, "group_size": 128, **r})
                 console.print(rows[-1])
-            act = QuantConfig(
-                method="rpiq", grid=GridConfig(bits=bits, group_size=128), gptq=GPTQConfig(act_order=True)
-            )
+            act = RPIQConfig(grid=GridConfig(bits=bits, group_size=128), gptq=GPTQConfig(act_order=True))
             r = run(data, heldout, act)
             r["calib_gain_vs_gptq"] = 1 - r["calib_loss"] / ref["calib_loss"]
             r["heldout_gain_vs_gptq"] = 1 - r["heldout_loss"] / ref["heldout_loss"]

@@ -29,10 +29,10 @@ def _one(job: dict) -> dict:
 
     from gptq_format import checkpoint_bytes, save_quantized
     from models.loading import load_fp_model
-    from quantizer.config import GridConfig, QuantConfig, RefineConfig
+    from quantizer.config import CalibrationConfig, GridConfig, RefineConfig, quant_config
     from quantizer.data import calibration_windows, evaluation_windows, load_text
     from quantizer.evaluate import perplexity
-    from quantizer.pipeline import CalibrationConfig, quantize_model
+    from quantizer.pipeline import quantize_model
 
     torch.manual_seed(0)
     model, tok, _ = load_fp_model(job["model"])
@@ -43,16 +43,17 @@ def _one(job: dict) -> dict:
         row["layer_loss_sum"] = 0.0
     else:
         calib = calibration_windows(tok, load_text("calib"), job["nsamples"], job["seqlen"], seed=job["seed"])
-        cfg = QuantConfig(
-            method=job["method"],
+        cfg = quant_config(
+            job["method"],
             grid=GridConfig(bits=job["bits"], group_size=job["group_size"]),
-            refine=RefineConfig(
-                **job.get("refine", {}),
+            refine=RefineConfig(**job.get("refine", {})),
+            calibration=CalibrationConfig(
+                mode=job["calib"],
                 **({"instance_weight": job["instance_weight"]} if "instance_weight" in job else {}),
             ),
         )
         t0 = time.perf_counter()
-        res = quantize_model(model, calib, cfg, CalibrationConfig(mode=job["calib"]), progress=False)
+        res = quantize_model(model, calib, cfg, progress=False)
         row["quantize_seconds"] = time.perf_counter() - t0
         row["layer_loss_sum"] = res.total_loss
         with tempfile.TemporaryDirectory() as d:

@@ -83,10 +83,10 @@ def quality_job(job: dict) -> dict:
     import torch
 
     from models.loading import load_fp_model
-    from quantizer.config import GPTQConfig, GridConfig, QuantConfig
+    from quantizer.config import CalibrationConfig, GridConfig, quant_config
     from quantizer.data import calibration_windows, evaluation_windows, load_text
     from quantizer.evaluate import perplexity
-    from quantizer.pipeline import CalibrationConfig, quantize_model
+    from quantizer.pipeline import quantize_model
 
     torch.manual_seed(0)
     if job.get("threads"):
@@ -96,11 +96,11 @@ def quality_job(job: dict) -> dict:
     if job["method"] != "fp":
         calib = calibration_windows(tok, load_text("calib"), job["nsamples"], job["seqlen"], seed=job["seed"])
         method, mode, compensate = SPECS[job["method"]]
-        gptq = GPTQConfig(**({"compensation_percdamp": job["comp_damp"]} if job.get("comp_damp") is not None else {}))
-        cfg = QuantConfig(method=method, grid=GridConfig(bits=job["bits"], group_size=job["group_size"]), gptq=gptq)
+        damp = {} if job.get("comp_damp") is None else {"compensation_percdamp": job["comp_damp"]}
+        cal = CalibrationConfig(mode=mode, compensate=compensate, **damp)
+        cfg = quant_config(method, grid=GridConfig(bits=job["bits"], group_size=job["group_size"]), calibration=cal)
         t0 = time.perf_counter()
-        cal = CalibrationConfig(mode=mode, compensate=compensate)
-        res = quantize_model(model, calib, cfg, cal, progress=False)
+        res = quantize_model(model, calib, cfg, progress=False)
         row["quantize_seconds"] = time.perf_counter() - t0
         row["layer_loss_sum"] = res.total_loss
         row["bits_per_weight"] = bits_per_weight(res.weights)
@@ -149,10 +149,10 @@ def ablation(model_dir: str, nsamples: int, seqlen: int, layer: int, bits: int) 
 
     from models.loading import load_fp_model
     from quantizer.adapters import get_adapter
-    from quantizer.config import GPTQConfig, GridConfig, QuantConfig, RefineConfig
+    from quantizer.config import GPTQConfig, GridConfig, RefineConfig, quant_config
     from quantizer.data import calibration_windows, load_text
     from quantizer.layer import layer_loss, quantize_weight
-    from quantizer.pipeline import stream_hessians
+    from quantizer.single_instance import stream_hessians
 
     torch.set_num_threads(1)  # these matrices are small: one thread is fastest on 2 cores
     model, tok, _ = load_fp_model(model_dir)
@@ -167,8 +167,8 @@ def ablation(model_dir: str, nsamples: int, seqlen: int, layer: int, bits: int) 
         (r, a, b) for b in (64, 128) for r in range(1, 6) for a in (0.25, 0.5, 1.0)
     ]  # rounds=0 is GPTQ alone
     for rounds, alpha, block in settings:
-        cfg = QuantConfig(
-            method="rpiq" if rounds else "gptq",
+        cfg = quant_config(
+            "rpiq" if rounds else "gptq",
             grid=GridConfig(bits=bits, group_size=128),
             gptq=GPTQConfig(block_size=128),
             refine=RefineConfig(rounds=max(rounds, 1), alpha=alpha, block_size=block),
@@ -370,7 +370,7 @@ def main() -> None:
         "--compensation-percdamp",
         type=float,
         default=None,
-        help="ridge of the compensation target for the compensated methods (default: GPTQConfig's)",
+        help="ridge of the compensation target for the compensated methods (default: CalibrationConfig's)",
     )
     ap.add_argument(
         "--jobs", type=int, default=1, help="quality jobs run at once (each in its own process); >1 loads the timings"

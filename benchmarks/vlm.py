@@ -123,13 +123,13 @@ def param_counts(model: torch.nn.Module) -> dict[str, int]:
 def quantize(fp_dir: Path, out: Path, proc: Any, args: argparse.Namespace) -> dict[str, Any]:
     from gptq_format import save_quantized
     from models.loading import load_fp_model
-    from quantizer.config import GridConfig, QuantConfig
+    from quantizer.config import GridConfig, quant_config
     from quantizer.pipeline import quantize_model
     from quantizer.vlm_calibration import builtin_samples, vlm_batches
 
     model, _, _ = load_fp_model(str(fp_dir), "float32")
     batches = vlm_batches(model, builtin_samples(args.nsamples), processor=proc)
-    config = QuantConfig(method=args.method, grid=GridConfig(bits=4, group_size=128))
+    config = quant_config(args.method, grid=GridConfig(bits=4, group_size=128))
     t0 = time.perf_counter()
     result = quantize_model(model, batches, config, progress=True, vision=args.quantize_vision)
     seconds = time.perf_counter() - t0

@@ -1,20 +1,30 @@
 """Load any model rpiq knows (full precision or an int4 checkpoint) and generate text with it.
 
-One entry point for the CLI, the benchmarks and the server, so that all of them run a
-checkpoint through the same kernels. Generation is plain transformers `generate` (KV cache,
-sampling, stop on EOS); this module only turns a prompt into ids through the model's chat
-template and reports what was generated, how many tokens, and how fast.
+The one generation stack of rpiq: `rpiq generate`, `rpiq eval --kernel`, the benchmarks and the
+server (`server.engine`) all load through `load_for_inference`, build prompts with `prompt_ids` /
+`model_inputs`, and decode with `generate`, so a checkpoint runs through the same kernels and the
+same sampling everywhere. Generation is plain transformers `generate` (KV cache, sampling, stop on
+EOS); this module adds what the callers share: the chat-template prompt, stop strings, a text
+callback for streaming, cooperative cancellation, and a `Generation` report (tokens, speed, why it
+stopped).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, TextStreamer
+
+from .int4 import KernelName
+
+DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
+Message = dict[str, Any]  # {"role": ..., "content": str | [{"type": "text" | "image", ...}]}
+FinishReason = Literal["stop", "length", "cancelled"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +37,7 @@ class GenerationOptions:
     top_k: int | None = None
     repetition_penalty: float = 1.0
     seed: int | None = None
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -49,34 +60,40 @@ class GenerationOptions:
 class Generation:
     text: str
     prompt_tokens: int
-    new_tokens: int
+    completion_tokens: int
     seconds: float
-    finished: bool  # stopped on EOS rather than on max_new_tokens
+    finish_reason: FinishReason  # stop: end of answer (EOS or a stop string); length: hit max_new_tokens
+    first_token_s: float | None = None  # measured when text was streamed (`on_text`)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason == "stop"
 
     @property
     def tokens_per_second(self) -> float:
-        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
 def load_for_inference(
     model: str | Path | None,
     *,
     device: str = "cpu",
-    kernel: str = "auto",
-    dtype: torch.dtype | None = None,
+    kernel: KernelName = "auto",
+    dtype: DTypeName | torch.dtype | None = "auto",
     trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Path | str]:
     """(model, tokenizer, where): an int4 checkpoint on int4 kernels, anything else as it is.
 
-    `model` None is the embedded default. `dtype` defaults to bfloat16 for checkpoints (the
+    `model` None is the embedded default. `dtype` "auto" (or None) is bfloat16 for checkpoints (the
     int4 kernels' activation dtype) and float32 for full-precision models. Vision-language models
     load as their full image-text class either way; their processor comes from
     `models.vlm.load_processor`. `trust_remote_code` runs modeling code shipped with the model.
     """
-    from models.loading import DTYPES, ModelLoadError, is_quantized_checkpoint, load_fp_model, resolve_model
-
     from .int4 import load_quantized
+    from .loading import DTYPES, ModelLoadError, is_quantized_checkpoint, load_fp_model, resolve_model
 
+    if isinstance(dtype, str):
+        dtype = None if dtype == "auto" else DTYPES[dtype]
     where = resolve_model(None if model is None else str(model))
     if is_quantized_checkpoint(where):
         m = load_quantized(where, device=device, kernel=kernel, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -90,18 +107,144 @@ def load_for_inference(
     return m.to(device), tok, where
 
 
+# --- prompts -------------------------------------------------------------------------------------------
+def has_chat_template(tok: PreTrainedTokenizerBase) -> bool:
+    return bool(getattr(tok, "chat_template", None))
+
+
+def chat_messages(prompt: str, system: str | None = None) -> list[Message]:
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+
+
 def prompt_ids(
-    tok: PreTrainedTokenizerBase, prompt: str, *, chat: bool = True, system: str | None = None
+    tok: PreTrainedTokenizerBase, prompt: list[Message] | str, *, max_tokens: int | None = None
 ) -> torch.Tensor:
-    """[1, n] ids: through the chat template when the tokenizer has one and `chat` is set."""
-    if chat and getattr(tok, "chat_template", None):
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        return ids["input_ids"]
-    return tok(prompt, return_tensors="pt").input_ids
+    """[1, n] ids for `prompt`: a conversation (through the chat template, or as a plain ``Role: text``
+    transcript for a base model without one), or a str: raw text to continue.
+
+    Image parts are dropped (a text-only model; VLMs go through `model_inputs`). Beyond `max_tokens`
+    the start is cut: the question and the template's tail are at the end.
+    """
+    from .vlm import flat_text
+
+    if isinstance(prompt, str):
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+    else:
+        messages = [{"role": m["role"], "content": flat_text(m["content"])} for m in prompt]
+        if has_chat_template(tok):
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        else:
+            text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
+        ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    if max_tokens is not None and ids.shape[1] > max_tokens:
+        ids = ids[:, -max_tokens:]
+    return ids
+
+
+def model_inputs(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    prompt: list[Message] | str,
+    *,
+    processor: Any = None,
+    max_tokens: int | None = None,
+) -> dict[str, Any]:
+    """`generate`'s inputs for `prompt`, on the model's device. With a VLM's `processor` the photos
+    in the messages go in too (`models.vlm.chat_inputs`); such a prompt is never cut to `max_tokens`,
+    which could split an image's tokens."""
+    if processor is not None and not isinstance(prompt, str):
+        from .vlm import chat_inputs
+
+        return chat_inputs(model, processor, prompt)
+    ids = prompt_ids(tok, prompt, max_tokens=max_tokens).to(model.device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def eos_ids(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> list[int]:
+    """The tokenizer's end token and the generation config's (a VLM's end-of-turn token, e.g.
+    SmolVLM's ``<end_of_utterance>``, ends the answer just the same)."""
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [tok.eos_token_id, *(extra if isinstance(extra, list) else [extra])]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+# --- generation ----------------------------------------------------------------------------------------
+class _Cancel(StoppingCriteria):
+    """Checked after every token: `should_stop()` true ends generation (cancelled)."""
+
+    def __init__(self, should_stop: Callable[[], bool]) -> None:
+        self.should_stop, self.fired = should_stop, False
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if self.should_stop():
+            self.fired = True
+        return torch.full((input_ids.shape[0],), self.fired, dtype=torch.bool, device=input_ids.device)
+
+
+class _Streamer(TextStreamer):
+    """Hands each finished piece of text to `on_text`, noting when the first one came."""
+
+    def __init__(self, tok: PreTrainedTokenizerBase, on_text: Callable[[str], None], t0: float) -> None:
+        super().__init__(tok, skip_prompt=True, skip_special_tokens=True)
+        self.on_text, self.t0, self.first_s = on_text, t0, None
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if text:
+            if self.first_s is None:
+                self.first_s = time.perf_counter() - self.t0
+            self.on_text(text)
 
 
 @torch.inference_mode()
+def generate(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    inputs: dict[str, Any],
+    options: GenerationOptions | None = None,
+    *,
+    on_text: Callable[[str], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Generation:
+    """Decode an answer to `inputs` (from `model_inputs`). `on_text` receives the text as it comes;
+    `should_stop` is asked after every token and ends generation early (finish reason "cancelled")."""
+    from transformers import StoppingCriteriaList
+
+    options = options or GenerationOptions()
+    if options.seed is not None:
+        torch.manual_seed(options.seed)
+    t0 = time.perf_counter()
+    streamer = _Streamer(tok, on_text, t0) if on_text is not None else None
+    cancel = _Cancel(should_stop) if should_stop is not None else None
+    ends = eos_ids(model, tok)
+    kw = options.generate_kwargs()
+    if options.stop:
+        kw.update(stop_strings=list(options.stop), tokenizer=tok)
+    out = model.generate(
+        **inputs,
+        **kw,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        eos_token_id=ends or None,
+        stopping_criteria=StoppingCriteriaList([cancel]) if cancel else None,
+        streamer=streamer,
+    )
+    seconds = time.perf_counter() - t0
+    n_prompt = int(inputs["input_ids"].shape[1])
+    new = out[0, n_prompt:]
+    text = tok.decode(new, skip_special_tokens=True)
+    cuts = [text.find(s) for s in options.stop if s and s in text]
+    if cuts:
+        text = text[: min(cuts)]
+    n_new = int(new.numel())
+    if cancel is not None and cancel.fired:
+        reason: FinishReason = "cancelled"
+    elif n_new >= options.max_new_tokens and (n_new == 0 or int(new[-1]) not in ends):
+        reason = "length"
+    else:
+        reason = "stop"
+    first = streamer.first_s if streamer else None
+    return Generation(text.strip(), n_prompt, n_new, seconds, reason, first)
+
+
 def generate_text(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
@@ -110,31 +253,9 @@ def generate_text(
     *,
     chat: bool = True,
     system: str | None = None,
-    streamer: Any = None,
+    on_text: Callable[[str], None] | None = None,
 ) -> Generation:
-    """Answer `prompt`; `streamer` (e.g. a TextIteratorStreamer) receives tokens as they come."""
-    options = options or GenerationOptions()
-    ids = prompt_ids(tok, prompt, chat=chat, system=system).to(model.device)
-    if options.seed is not None:
-        torch.manual_seed(options.seed)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    t0 = time.perf_counter()
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        pad_token_id=pad,
-        streamer=streamer,
-        **options.generate_kwargs(),
-    )
-    seconds = time.perf_counter() - t0
-    new = out[0, ids.shape[1] :]
-    eos = model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-    finished = bool(new.numel()) and int(new[-1]) in eos_ids
-    return Generation(
-        text=tok.decode(new, skip_special_tokens=True).strip(),
-        prompt_tokens=ids.shape[1],
-        new_tokens=int(new.numel()),
-        seconds=seconds,
-        finished=finished,
-    )
+    """Answer `prompt`: through the chat template when `chat` is set and the tokenizer has one,
+    else as raw text to continue. `on_text` receives the text as it is generated."""
+    source = chat_messages(prompt, system) if chat and has_chat_template(tok) else prompt
+    return generate(model, tok, model_inputs(model, tok, source), options, on_text=on_text)

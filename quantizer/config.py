@@ -235,10 +235,18 @@ _QUANT_CONFIG: TypeAdapter[RTNConfig | GPTQMethodConfig | RPIQConfig] = TypeAdap
 
 
 def quant_config(method: str = "rpiq", **sections: Any) -> RTNConfig | GPTQMethodConfig | RPIQConfig:
-    """`method`'s config with the given sections, e.g. `quant_config("gptq", grid=GridConfig(bits=3))`."""
+    """`method`'s config with the given sections, e.g. `quant_config("gptq", grid=GridConfig(bits=3))`.
+
+    Sections the method does not read (`refine` for gptq, `gptq` for rtn) are left out, so one
+    call serves a sweep over methods; a section name no method knows is still an error.
+    """
     if method not in METHOD_CONFIGS:
         raise ValueError(f"method={method!r} is not one of {', '.join(METHOD_CONFIGS)}")
-    return METHOD_CONFIGS[method](**sections)
+    cls = METHOD_CONFIGS[method]
+    unknown = set(sections) - set(RPIQConfig.model_fields)
+    if unknown:
+        raise ValueError(f"unknown config sections: {', '.join(sorted(unknown))}")
+    return cls(**{k: v for k, v in sections.items() if k in cls.model_fields})
 
 
 def parse_config(data: dict[str, Any]) -> RTNConfig | GPTQMethodConfig | RPIQConfig:

@@ -84,7 +84,8 @@ def quantize_weight(
 
     Returns the codes/grid in GPTQ's logical layout and a report of the layer loss after RTN,
     after stage 1 and after every stage-2 round. With `instance`, stage 2 uses the
-    single-instance residual instead of `E @ H`, weighted by `config.calibration.instance_weight`. With `cross` (`2/N X_fp^T X`, see
+    single-instance residual instead of `E @ H`, weighted by `config.calibration.instance_weight`.
+    With `cross` (`2/N X_fp^T X`, see
     `compensation_target`), both stages fit the full-precision model's outputs instead of `W`'s
     own outputs on the degraded inputs; the reported losses are then measured against that target.
     """

@@ -1,4 +1,4 @@
-"""The FastAPI application: routes, error shape, metrics middleware, and background model loading.
+"""The FastAPI application: routers, error shape, metrics middleware, and background model loading.
 
 `create_app(settings)` is what `rpiq serve` (and uvicorn's factory mode) runs. Work is never done
 on the event loop: the model, OCR and speech each have a lane thread (see `lanes.py`), so

@@ -1,28 +1,36 @@
-"""The assistive logic shared by /v1/vqa, /v1/read and /v1/chat/completions, independent of HTTP.
+"""The assistive logic shared by /v1/vqa, /v1/read and /v1/chat/completions, independent of HTTP:
+the two planners (a photo question, an OpenAI conversation) and running a plan to an answer.
 
 Honesty rules, enforced in code rather than hoped for from a 135M-parameter model:
 * quality problems (dark, blurry, no contrast) are measured and said first, before any model text;
 * a model that cannot see, given a photo without readable text, is not asked at all: the answer says
-  plainly that it cannot see the picture and found no text, instead of letting the model make one up.
+  plainly that it cannot see the picture and found no text, instead of letting the model make one up;
+* its answers keep only sentences grounded in the text it was given (`grounding.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import re
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from PIL import Image
 
-from .engine import GenParams, GenResult
+from models.inference import Generation, GenerationOptions, Message
+
 from .errors import ApiError
+from .grounding import GroundedSentences, filter_answer, is_read_request, read_answer
 from .images import ImageLimits, decode_image
 from .prompts import CANNOT_SEE, NO_TEXT, default_max_tokens, system_prompt
 from .runtime import RequestCtx, Runtime
+from .schemas import ChatRequest, ImagePart, TextPart
 from .speech import Audio
+from .uploads import decode_base64_image
 from .vision import ImageContext
+
+REPETITION_PENALTY = 1.1  # small models loop without it
+MAX_IMAGES = 4  # per chat request
 
 
 def limits(rt: Runtime) -> ImageLimits:
@@ -52,127 +60,114 @@ def audio_json(audio: Audio) -> dict:
     }
 
 
+def options(
+    max_tokens: int, temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] = ()
+) -> GenerationOptions:
+    return GenerationOptions(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                             repetition_penalty=REPETITION_PENALTY, stop=tuple(stop))  # fmt: skip
+
+
 @dataclass
 class Plan:
-    """What to do for a question about a photo: either a fixed answer, or a prompt for the model."""
+    """What to answer: a fixed answer, or `messages` for the model; `preface` (measured warnings) is
+    said first either way. With `grounding` (OCR text, question, filter on) the model's answer is
+    split into sentences and, when the filter is on, the ungrounded ones are dropped."""
 
-    context: ImageContext
-    preface: str  # measured warnings, said first
-    fixed_answer: str | None
-    messages: list[dict] | None
-    params: GenParams | None
+    preface: str
+    fixed_answer: str | None = None
+    messages: list[Message] | None = None
+    options: GenerationOptions | None = None
+    grounding: tuple[str, str, bool] | None = None
+    context: ImageContext | None = None  # /v1/vqa's photo
+
+    def sentences(self) -> GroundedSentences | None:
+        return GroundedSentences(*self.grounding) if self.grounding is not None else None
 
 
 def plan_vqa(rt: Runtime, context: ImageContext, question: str, *, length: str, language: str, max_tokens: int) -> Plan:
     preface = " ".join(context.facts.sentences())
     if not context.can_see and not context.text:
-        return Plan(context, preface, f"{CANNOT_SEE} {NO_TEXT}", None, None)
+        return Plan(preface, f"{CANNOT_SEE} {NO_TEXT}", context=context)
     if not context.can_see and is_read_request(question):
-        return Plan(context, preface, read_answer(context.text), None, None)
+        return Plan(preface, read_answer(context.text), context=context)
     messages = [
         {"role": "system", "content": system_prompt(length, language)},
         {"role": "user", "content": context.message_content(f"{context.prompt_block()}\n\nQuestion: {question}")},
     ]
-    return Plan(context, preface, None, messages, GenParams(max_new_tokens=max_tokens))
+    grounding = (context.text, question, rt.settings.grounding_filter and not context.can_see)
+    return Plan(preface, None, messages, options(max_tokens), grounding, context)
+
+
+async def plan_chat(rt: Runtime, ctx: RequestCtx, req: ChatRequest, max_tokens: int) -> Plan:
+    """OpenAI messages -> model messages; each image becomes the describer's (measured, read) context."""
+    system = [system_prompt(req.length or rt.settings.answer_length, req.language or rt.settings.language)]
+    messages: list[Message] = []
+    n_images = 0
+    last_user_images: list[ImageContext] = []
+    for i, m in enumerate(req.messages):
+        seen: list[dict] = []  # the photos themselves, for a model that can see
+        images_here: list[ImageContext] = []
+        if isinstance(m.content, str) or m.content is None:
+            text = m.content or ""
+        else:
+            parts = []
+            for part in m.content:
+                if isinstance(part, TextPart):
+                    parts.append(part.text)
+                elif isinstance(part, ImagePart):
+                    n_images += 1
+                    if n_images > MAX_IMAGES:
+                        raise ApiError(422, "too_many_images", f"At most {MAX_IMAGES} images per request.")
+                    image = await load_image(rt, decode_base64_image(part.image_url.url))
+                    context = await rt.describer.describe(image, cancel=ctx.cancel, timeout=ctx.remaining())
+                    images_here.append(context)
+                    parts.append(f"[Photo {n_images}]\n{context.prompt_block()}")
+                    if context.can_see and context.image is not None:
+                        seen.append({"type": "image", "image": context.image})
+            text = "\n\n".join(parts)
+        if m.role in ("system", "developer"):
+            system.append(text)
+            continue
+        messages.append({"role": m.role, "content": [*seen, {"type": "text", "text": text}] if seen else text})
+        if m.role == "user" and i == len(req.messages) - 1:
+            last_user_images = images_here
+    if not messages or messages[-1]["role"] != "user":
+        raise ApiError(422, "invalid_request", "The last message must come from the user.")
+    preface = " ".join(s for c in last_user_images for s in c.facts.sentences())
+    if last_user_images and not any(c.can_see or c.text for c in last_user_images):
+        return Plan(preface, f"{CANNOT_SEE} {NO_TEXT}")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    grounding = None
+    if last_user_images and rt.settings.grounding_filter and not any(c.can_see for c in last_user_images):
+        question = " ".join(p.text for p in req.messages[-1].content if isinstance(p, TextPart))
+        grounding = ("\n".join(c.text for c in last_user_images), question, True)
+    opts = options(max_tokens, req.temperature or 0.0, req.top_p or 1.0, stop)
+    return Plan(preface, None, [{"role": "system", "content": "\n\n".join(system)}, *messages], opts, grounding)
 
 
 def join_answer(preface: str, body: str) -> str:
     return f"{preface} {body}".strip() if preface else body.strip()
 
 
-async def generate(
-    rt: Runtime, ctx: RequestCtx, messages: list[dict], params: GenParams, on_text: Callable[[str], None] | None = None
-) -> GenResult:
-    result = await rt.model_lane.run(
-        rt.engine.generate, messages, params, ctx.cancel, ctx.deadline, on_text, cancel=ctx.cancel,
-        timeout=ctx.remaining(),
-    )  # fmt: skip
+async def answer(rt: Runtime, ctx: RequestCtx, plan: Plan) -> tuple[str, Generation | None]:
+    """The whole answer to `plan` (preface first, model text grounded) and the generation, if any."""
+    if plan.messages is None:
+        return join_answer(plan.preface, plan.fixed_answer or ""), None
+    result = await generate(rt, ctx, plan.messages, plan.options)
+    body = filter_answer(result.text, *plan.grounding) if plan.grounding is not None else result.text
+    return join_answer(plan.preface, body), result
+
+
+async def generate(rt: Runtime, ctx: RequestCtx, messages: list[Message], opts: GenerationOptions) -> Generation:
+    result = await rt.model_lane.run(rt.engine.generate, messages, opts, ctx.cancel, ctx.deadline,
+                                     cancel=ctx.cancel, timeout=ctx.remaining())  # fmt: skip
     record_generation(rt, result)
     return result
 
 
-def record_generation(rt: Runtime, result: GenResult) -> None:
+def record_generation(rt: Runtime, result: Generation) -> None:
     rt.metrics.tokens.inc(result.completion_tokens)
     if result.completion_tokens:
-        rt.metrics.tokens_per_second.set(result.tokens_per_s)
+        rt.metrics.tokens_per_second.set(result.tokens_per_second)
     if result.finish_reason == "cancelled":
         rt.metrics.cancelled.inc()
-
-
-# --- honesty for text-only models ---------------------------------------------------------------------
-_READ_INTENT = re.compile(r"\b(read|reads|say|says|said|written|text|sign|label|letter|screen|words?)\b", re.I)
-_WORD = re.compile(r"[A-Za-z][A-Za-z'-]*|\d[\d.,:/-]*")
-_COMMON_WORDS = (
-    "the a an and or but if then this that these those there here it its is are was were be been being has have had "
-    "do does did not no yes can cannot could would should will may might photo picture image camera text read says "
-    "written sign label page shows show contains contain appears seems looks like about what which who where when "
-    "how you your i my me we our they them their he she his her some any all more most very also only just than "
-    "because so such into onto from with without for of on in at by to up down out over under again see seen "
-    "sure unsure clear dark blurry bright light word words letter letters line lines paper document screen"
-)
-_COMMON = frozenset(_COMMON_WORDS.split())
-
-
-def is_read_request(question: str) -> bool:
-    """'What does this say?', 'Read the label': answered with the OCR text itself, verbatim."""
-    return bool(_READ_INTENT.search(question))
-
-
-def read_answer(text: str) -> str:
-    flat = " ".join(ln.strip() for ln in text.splitlines() if ln.strip())
-    return "It says: " + (flat if flat[-1:] in ".!?" else flat + ".")
-
-
-def grounded(sentence: str, context: str, question: str) -> bool:
-    """A model sentence is kept when its content words (names, numbers, long words) occur in what the
-    server really knows (OCR text and question); a text-only 135M model otherwise invents freely."""
-    known = {w.lower() for w in _WORD.findall(context + " " + question)}
-    words = [w for w in _WORD.findall(sentence) if w.lower() not in _COMMON]
-    content = [w for w in words if w[0].isdigit() or len(w) >= 5 or (w[0].isupper() and w is not words[0])]
-    if not content:
-        return True
-    unknown = [w for w in content if w.lower() not in known and w.lower().rstrip("s") not in known]
-    return len(unknown) <= max(0, len(content) // 4)
-
-
-class GroundedSentences:
-    """Streams sentences of a model answer, dropping ungrounded ones (only for models that cannot see)."""
-
-    def __init__(self, context: str, question: str, enabled: bool) -> None:
-        from .speech import SentenceSplitter
-
-        self.splitter = SentenceSplitter()
-        self.context, self.question, self.enabled = context, question, enabled
-        self.kept: list[str] = []
-        self.dropped = 0
-
-    def _filter(self, sentences: list[str]) -> list[str]:
-        out = []
-        for s in sentences:
-            if not self.enabled or grounded(s, self.context, self.question):
-                out.append(s)
-            else:
-                self.dropped += 1
-        self.kept.extend(out)
-        return out
-
-    def feed(self, delta: str) -> list[str]:
-        return self._filter(self.splitter.feed(delta))
-
-    def flush(self) -> list[str]:
-        return self._filter(self.splitter.flush())
-
-    def fallback(self) -> str | None:
-        """What to say when every sentence was dropped: the plain facts instead of nothing."""
-        if self.kept:
-            return None
-        if self.context.strip():
-            return "I can't answer that from the text in the photo. " + read_answer(self.context)
-        return "I can't answer that from this photo."
-
-
-def filter_answer(text: str, context: str, question: str, enabled: bool) -> str:
-    g = GroundedSentences(context, question, enabled)
-    g.feed(text)
-    g.flush()
-    return " ".join(g.kept) or g.fallback() or ""

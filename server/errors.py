@@ -6,9 +6,12 @@ The shape is OpenAI's, so OpenAI clients show our reasons, and a phone app can b
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
@@ -23,6 +26,10 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+class ClientGone(Exception):
+    """The client disconnected; nobody will read the response (logged as status 499)."""
+
+
 def error_body(code: str, message: str, status: int) -> dict:
     kind = "invalid_request_error" if status < 500 else "server_error"
     if status == 401:
@@ -34,12 +41,17 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return JSONResponse(error_body(code, message, status), status_code=status, headers=headers)
 
 
-def _describe_validation(exc: RequestValidationError) -> str:
+def validation_error(errors: Sequence[Any]) -> ApiError:
+    """A 422 for pydantic/FastAPI validation errors: ``missing_<field>`` when a top-level field is
+    absent (the client forgot it), else ``invalid_request``; the message names up to five problems."""
     parts = []
-    for err in exc.errors()[:5]:
+    for err in errors[:5]:
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
         parts.append(f"{where or 'body'}: {err.get('msg', 'invalid')}")
-    return "; ".join(parts) or "invalid request"
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    code = f"missing_{loc[0]}" if first.get("type") == "missing" and len(loc) == 1 else "invalid_request"
+    return ApiError(422, code, "; ".join(parts) or "invalid request")
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -49,7 +61,12 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, "invalid_request", _describe_validation(exc))
+        err = validation_error(exc.errors())
+        return error_response(err.status, err.code, err.message)
+
+    @app.exception_handler(ClientGone)
+    async def _gone(_request: Request, _exc: ClientGone) -> Response:
+        return Response(status_code=499)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -17,7 +17,7 @@ from typing import TypeVar
 from fastapi import Request
 
 from .engine import Engine
-from .errors import ApiError
+from .errors import ApiError, ClientGone
 from .lanes import Cancelled, Lane, QueueFull
 from .metrics import Metrics
 from .ocr import OcrUnavailableError, make_engine
@@ -28,10 +28,6 @@ from .vision import Describer, TextOnlyDescriber, VLMDescriber
 
 log = logging.getLogger("rpiq.server")
 T = TypeVar("T")
-
-
-class ClientGone(Exception):
-    """The client disconnected; nobody will read the response."""
 
 
 @dataclass
@@ -120,11 +116,11 @@ class Runtime:
             lane.shutdown()
 
     # --- per request -------------------------------------------------------------------------------
-    def require_ready(self) -> None:
-        if not self.ready:
-            if self.load_error:
-                raise ApiError(503, "model_failed", f"The model failed to load: {self.load_error}")
-            raise ApiError(503, "model_loading", "The model is still loading.", {"Retry-After": "5"})
+    def busy(self, e: QueueFull) -> ApiError:
+        """The 503 for a full lane (counted in the metrics), with when to retry."""
+        self.metrics.rejected.labels(e.lane).inc()
+        return ApiError(503, "queue_full", f"The server is busy ({e.lane} queue full); retry in {e.retry_after} s.",
+                        {"Retry-After": str(e.retry_after)})  # fmt: skip
 
     def context(self, timeout_s: float | None) -> RequestCtx:
         limit = self.settings.request_timeout_s
@@ -145,11 +141,7 @@ class Runtime:
                     raise ClientGone
         except QueueFull as e:
             ctx.cancel.set()
-            self.metrics.rejected.labels(e.lane).inc()
-            raise ApiError(
-                503, "queue_full", f"The server is busy ({e.lane} queue full); retry in {e.retry_after} s.",
-                {"Retry-After": str(e.retry_after)},
-            ) from None  # fmt: skip
+            raise self.busy(e) from None
         except SpeechUnavailableError as e:
             raise ApiError(503, "speech_unavailable", str(e)) from None
         except (TimeoutError, Cancelled):

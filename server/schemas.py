@@ -133,6 +133,35 @@ class ChatRequest(BaseModel):
     length: Literal["short", "medium", "long"] | None = Field(None, description="rpiq extension")
 
 
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    """OpenAI's chat.completion object."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -145,6 +174,17 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class Voice(BaseModel):
+    id: str
+    name: str
+    languages: list[str]
+
+
+class VoiceList(BaseModel):
+    default: str
+    voices: list[Voice]
 
 
 def usage(prompt: int, completion: int) -> dict[str, Any]:

@@ -14,6 +14,9 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from models.inference import DTypeName
+from models.int4 import KernelName
+
 LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
 
 
@@ -36,8 +39,8 @@ class ServerSettings(BaseSettings):
     model: str | None = Field(None, description="model or int4 checkpoint directory; unset = embedded default")
     model_name: str | None = Field(None, description="name reported by /v1/models; default: the directory name")
     device: str = Field("cpu", description="cpu or cuda[:N]")
-    kernel: str = Field("auto", description="int4 kernel for quantized checkpoints (models.int4)")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    kernel: KernelName = Field("auto", description="int4 kernel for quantized checkpoints (models.int4)")
+    dtype: DTypeName = Field("auto", description="activation dtype; auto: bfloat16 for int4, float32 otherwise")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; unset = torch's default")
     trust_remote_code: bool = Field(
         False, description="run modeling code shipped in the model directory (auto_map, e.g. CogVLM2); it executes it"

@@ -17,7 +17,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from .errors import ApiError
+from .errors import ApiError, validation_error
 
 M = TypeVar("M", bound=BaseModel)
 IMAGE_FIELDS = ("image", "file")
@@ -63,11 +63,7 @@ def _validate(model: type[M], data: dict) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err.get("loc", ())) or "body"
-        kind = err.get("type", "")
-        code = f"missing_{where}" if kind == "missing" else "invalid_request"
-        raise ApiError(422, code, f"{where}: {err.get('msg', 'invalid')}") from None
+        raise validation_error(e.errors()) from None
 
 
 async def _once(body: bytes) -> AsyncGenerator[bytes, None]:

@@ -23,7 +23,7 @@ from transformers import LlamaForCausalLM
 import gptq_format.writer as ckpt_mod
 from gptq_format import CheckpointError, QuantizedCheckpoint, QuantizedWeight, load_quantized_state, save_quantized
 from models.dequantized import dequantized_model
-from quantizer.config import GPTQConfig, GridConfig, QuantConfig
+from quantizer.config import GPTQConfig, GridConfig, QuantConfig, quant_config
 from quantizer.layer import quantize_weight
 
 from .limits import generous
@@ -31,7 +31,7 @@ from .quantized_models import logits, quantize_linears, substituted, tiny_llama,
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-BASE = QuantConfig(method="gptq", grid=GridConfig(bits=4, group_size=32, min_zero=1))
+BASE = quant_config("gptq", grid=GridConfig(bits=4, group_size=32, min_zero=1))
 CASES: dict[str, QuantConfig] = {
     "g32": BASE,
     "act_order": BASE.model_copy(update={"gptq": GPTQConfig(act_order=True)}),

@@ -7,7 +7,8 @@ import torch
 
 from models.cogvlm2 import build_position_ids, vision_token_count
 from quantizer.adapters import COGVLM_GROUPS, COGVLM_ROUTING, VISION_TOKEN_TYPE, discover_linear_groups, get_adapter
-from quantizer.pipeline import quantize_model, stream_hessians
+from quantizer.pipeline import quantize_model
+from quantizer.single_instance import stream_hessians
 from quantizer.vlm_calibration import builtin_samples
 from tests.tiny_vlms import FAMILIES
 

@@ -8,18 +8,22 @@ import tempfile
 import pytest
 import torch
 
-import quantizer.pipeline as pipeline
+import quantizer.single_instance as single_instance
 from quantizer.adapters import get_adapter
 from quantizer.capture import GroupHessians
-from quantizer.config import GPTQConfig, GridConfig, QuantConfig
+from quantizer.config import CalibrationConfig, GPTQConfig, GridConfig, quant_config
 from quantizer.hessian_store import HessianStore, hessian_bytes, plan_passes
-from quantizer.pipeline import CalibrationConfig, ModelQuantization, quantize_model
+from quantizer.pipeline import ModelQuantization, quantize_model
 from tests.interrupt import quantize_until_first_layer
 from tests.tiny_models import VOCAB, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CFG = QuantConfig(method="rpiq", grid=GridConfig(bits=3, group_size=32), gptq=GPTQConfig(block_size=16))
+CFG = quant_config("rpiq", grid=GridConfig(bits=3, group_size=32), gptq=GPTQConfig(block_size=16))
+
+
+def _single_instance(**calibration):
+    return CFG.model_copy(update={"calibration": CalibrationConfig(mode="single-instance", **calibration)})
 
 
 def _calib() -> torch.Tensor:
@@ -33,13 +37,13 @@ def _layer_mib(model) -> float:
 
 def _record_passes(monkeypatch) -> list[list[int]]:
     passes: list[list[int]] = []
-    real = pipeline.stream_hessians
+    real = single_instance.stream_hessians
 
     def recording(model, adapter, calib, layer_indices, *args, **kwargs):
         passes.append(list(layer_indices))
         return real(model, adapter, calib, layer_indices, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "stream_hessians", recording)
+    monkeypatch.setattr(single_instance, "stream_hessians", recording)
     return passes
 
 
@@ -62,13 +66,11 @@ def test_a_budget_streams_layer_by_layer_and_gives_the_in_memory_result(monkeypa
     codes are exactly those of the one-pass, all-in-memory run. No scratch directory is left."""
     model = tiny_model("llama", seed=4)
     calib = _calib()
-    want = quantize_model(copy.deepcopy(model), calib, CFG, CalibrationConfig(mode="single-instance"), progress=False)
+    want = quantize_model(copy.deepcopy(model), calib, _single_instance(), progress=False)
     passes = _record_passes(monkeypatch)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     budget = 1.5 * _layer_mib(model)
-    got = quantize_model(
-        model, calib, CFG, CalibrationConfig(mode="single-instance", hessian_budget_mib=budget), progress=False
-    )
+    got = quantize_model(model, calib, _single_instance(hessian_budget_mib=budget), progress=False)
     assert passes == [[0], [1]]
     _assert_identical(want, got)
     assert list(tmp_path.iterdir()) == []
@@ -78,18 +80,16 @@ def test_a_budget_that_holds_every_layer_streams_once(monkeypatch):
     model = tiny_model("llama", seed=4)
     passes = _record_passes(monkeypatch)
     budget = 2.5 * _layer_mib(model)
-    quantize_model(
-        model, _calib(), CFG, CalibrationConfig(mode="single-instance", hessian_budget_mib=budget), progress=False
-    )
+    quantize_model(model, _calib(), _single_instance(hessian_budget_mib=budget), progress=False)
     assert passes == [[0, 1]]
 
 
 def test_a_layer_over_the_budget_warns_and_still_gets_quantized(monkeypatch):
     model = tiny_model("llama", seed=4)
     passes = _record_passes(monkeypatch)
-    cal = CalibrationConfig(mode="single-instance", hessian_budget_mib=0.5 * _layer_mib(model))
+    cfg = _single_instance(hessian_budget_mib=0.5 * _layer_mib(model))
     with pytest.warns(UserWarning, match="over the .* MiB budget"):
-        result = quantize_model(model, _calib(), CFG, cal, progress=False)
+        result = quantize_model(model, _calib(), cfg, progress=False)
     assert passes == [[0], [1]]
     assert len(result.weights) == 14
 
@@ -99,15 +99,15 @@ def test_interrupted_budgeted_run_resumes_without_streaming_again(monkeypatch, t
     the remaining layer from them, with no pass over the calibration data, and matches."""
     model = tiny_model("llama", seed=4)
     calib = _calib()
-    cal = CalibrationConfig(mode="single-instance", hessian_budget_mib=1.5 * _layer_mib(model))
-    want = quantize_model(copy.deepcopy(model), calib, CFG, cal, progress=False)
+    cfg = _single_instance(hessian_budget_mib=1.5 * _layer_mib(model))
+    want = quantize_model(copy.deepcopy(model), calib, cfg, progress=False)
 
     state = tmp_path / "state"
-    quantize_until_first_layer(copy.deepcopy(model), calib, CFG, cal, state_dir=state, progress=False)
+    quantize_until_first_layer(copy.deepcopy(model), calib, cfg, state_dir=state, progress=False)
     stored = sorted(p.name for p in (state / "hessians").iterdir())
     assert stored == ["hessians_0000.safetensors", "hessians_0001.safetensors"]
     passes = _record_passes(monkeypatch)
-    got = quantize_model(copy.deepcopy(model), calib, CFG, cal, state_dir=state, progress=False)
+    got = quantize_model(copy.deepcopy(model), calib, cfg, state_dir=state, progress=False)
     assert passes == []
     _assert_identical(want, got)
     assert list((state / "hessians").iterdir()) == []  # each layer's file goes once it is quantized

@@ -22,7 +22,7 @@ from models.int4 import (
     quantize_linears_in_place,
 )
 from models.int4.layout import LayoutError, dequantize_layout, tinygemm_layout
-from quantizer.config import GPTQConfig, GridConfig, QuantConfig
+from quantizer.config import GPTQConfig, GridConfig, quant_config
 from quantizer.layer import quantize_weight
 
 from .layers import realistic_layer
@@ -36,8 +36,8 @@ CPU = torch.device("cpu")
 
 def quantized_layer(out: int, inp: int, *, bits: int = 4, group: int = 128, act_order: bool = False, sym=False):
     layer = realistic_layer(out, inp, tokens=256, seed=out + inp)
-    cfg = QuantConfig(
-        method="gptq",
+    cfg = quant_config(
+        "gptq",
         grid=GridConfig(bits=bits, group_size=group, sym=sym),
         gptq=GPTQConfig(act_order=act_order),
     )
@@ -158,7 +158,7 @@ def test_explicit_kernel_that_cannot_run_says_why():
 
 # --------------------------------------------------------------------------- whole models
 
-CFG = QuantConfig(method="gptq", grid=GridConfig(bits=4, group_size=32))
+CFG = quant_config("gptq", grid=GridConfig(bits=4, group_size=32))
 
 
 @pytest.fixture(scope="module")

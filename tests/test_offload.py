@@ -70,16 +70,17 @@ def test_a_forward_stopped_early_still_sends_the_layer_home():
 def test_single_instance_with_offload_gives_the_same_codes_on_a_cpu():
     """The whole offload path (layers visiting, Hessians on the host) inside the real pipeline:
     on a CPU nothing moves, so the codes must be exactly those of the plain run."""
-    from quantizer.config import GPTQConfig, GridConfig, QuantConfig
-    from quantizer.pipeline import CalibrationConfig, quantize_model
+    from quantizer.config import CalibrationConfig, GPTQConfig, GridConfig, quant_config
+    from quantizer.pipeline import quantize_model
     from tests.tiny_models import VOCAB, tiny_model
 
-    cfg = QuantConfig(method="rpiq", grid=GridConfig(bits=3, group_size=32), gptq=GPTQConfig(block_size=16))
+    cfg = quant_config("rpiq", grid=GridConfig(bits=3, group_size=32), gptq=GPTQConfig(block_size=16))
     calib = torch.randint(0, VOCAB - 2, (6, 32), generator=torch.Generator().manual_seed(0))
     runs = {}
     for offload in (False, True):
         cal = CalibrationConfig(mode="single-instance", offload_hessians=offload)
-        runs[offload] = quantize_model(tiny_model("llama", seed=4), calib, cfg, cal, progress=False)
+        run_cfg = cfg.model_copy(update={"calibration": cal})
+        runs[offload] = quantize_model(tiny_model("llama", seed=4), calib, run_cfg, progress=False)
     for name, qw in runs[False].weights.items():
         assert torch.equal(runs[True].weights[name].codes, qw.codes), name
     assert runs[True].total_loss == runs[False].total_loss

@@ -10,8 +10,8 @@ import torch
 
 from quantizer.adapters import LLAMA_LIKE_GROUPS, UnsupportedModelError, discover_adapter, get_adapter
 from quantizer.capture import capture_first_layer_inputs, run_layer
-from quantizer.config import GPTQConfig, GridConfig, QuantConfig, RefineConfig
-from quantizer.pipeline import CalibrationConfig, ModelQuantization, quantize_model
+from quantizer.config import CalibrationConfig, GPTQConfig, GridConfig, RPIQConfig, quant_config
+from quantizer.pipeline import ModelQuantization, quantize_model
 from tests.interrupt import quantize_until_first_layer
 from tests.tiny_models import CONFIGS, VOCAB, tiny_model
 
@@ -79,8 +79,10 @@ def test_quantize_every_architecture_end_to_end(arch, mode):
     calib = _calib()
     ids = calib[:2]  # in-sample: what the layer losses were minimised on
     ref = _logits(fp, ids)
-    cfg = QuantConfig(method="rpiq", grid=GridConfig(bits=3, group_size=32), gptq=GPTQConfig(block_size=32))
-    result = quantize_model(model, calib, cfg, CalibrationConfig(mode=mode), progress=False)
+    cfg = RPIQConfig(
+        grid=GridConfig(bits=3, group_size=32), gptq=GPTQConfig(block_size=32), calibration=CalibrationConfig(mode=mode)
+    )
+    result = quantize_model(model, calib, cfg, progress=False)
     adapter = get_adapter(model)
     assert sorted(result.weights) == sorted(_linears(model, adapter))
     for name, qw in result.weights.items():
@@ -93,7 +95,7 @@ def test_quantize_every_architecture_end_to_end(arch, mode):
     # Quantized with an error, but the model still computes something close to the original.
     err_q = torch.mean((_logits(model, ids) - ref) ** 2)
     rtn = copy.deepcopy(fp)
-    quantize_model(rtn, calib, cfg.model_copy(update={"method": "rtn"}), progress=False)
+    quantize_model(rtn, calib, quant_config("rtn", grid=cfg.grid, calibration=cfg.calibration), progress=False)
     err_rtn = torch.mean((_logits(rtn, ids) - ref) ** 2)
     assert 0 < err_q < err_rtn
 
@@ -107,7 +109,7 @@ def test_sequential_rpiq_beats_gptq_and_rtn_on_output_error():
     for method in ("rtn", "gptq", "rpiq"):
         m = copy.deepcopy(model)
         # Stage 2 needs at least two blocks to move anything: blocks of 16 on 64-wide layers.
-        cfg = QuantConfig(method=method, grid=GridConfig(bits=3, group_size=32), gptq=GPTQConfig(block_size=16))
+        cfg = quant_config(method, grid=GridConfig(bits=3, group_size=32), gptq=GPTQConfig(block_size=16))
         res = quantize_model(m, calib, cfg, progress=False)
         errs[method] = (float(torch.mean((_logits(m, ids) - ref) ** 2)), res.total_loss)
     assert errs["rpiq"][1] < errs["gptq"][1] < errs["rtn"][1]  # summed layer loss
@@ -125,11 +127,14 @@ def test_compensation_lowers_the_whole_models_output_error(method, mode):
     calib = _calib(8, 64)
     ids = calib[:2]
     ref = _logits(model, ids)
-    cfg = QuantConfig(method=method, grid=GridConfig(bits=3, group_size=32), gptq=GPTQConfig(block_size=16))
     errs = {}
     for compensate in (False, True):
         m = copy.deepcopy(model)
-        quantize_model(m, calib, cfg, CalibrationConfig(mode=mode, compensate=compensate), progress=False)
+        cal = CalibrationConfig(mode=mode, compensate=compensate)
+        cfg = quant_config(
+            method, grid=GridConfig(bits=3, group_size=32), gptq=GPTQConfig(block_size=16), calibration=cal
+        )
+        quantize_model(m, calib, cfg, progress=False)
         errs[compensate] = float(torch.mean((_logits(m, ids) - ref) ** 2))
     assert errs[True] < (0.9 if mode == "sequential" else 0.95) * errs[False]
 
@@ -143,7 +148,7 @@ def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
     """Sequential RPIQ compensates by default, so the resumed run must also rebuild the
     full-precision stream from the original weights, not from the quantized layers it restored."""
     calib = _calib()
-    cfg = QuantConfig(method="rpiq", grid=GridConfig(bits=4, group_size=32))
+    cfg = RPIQConfig(grid=GridConfig(bits=4, group_size=32))
     full = quantize_model(tiny_model("qwen2"), calib, cfg, progress=False)
 
     state = tmp_path / "state"
@@ -170,7 +175,7 @@ def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
     quantize_model(
         tiny_model("qwen2"),
         calib,
-        cfg.model_copy(update={"method": "gptq"}),
+        quant_config("gptq", grid=cfg.grid, gptq=cfg.gptq),
         state_dir=state,
         progress=False,
         on_layer=lambda i, total, reports: other.append(i),
@@ -202,13 +207,12 @@ def test_single_instance_blended_residual_never_raises_its_objective():
     """With w > 0 stage 2 follows the kept window's real output error (through the partly
     quantized model) blended with the global loss; the closed loop keeps that objective falling."""
     model = tiny_model("llama", seed=4)
-    cfg = QuantConfig(
-        method="rpiq",
+    cfg = RPIQConfig(
         grid=GridConfig(bits=3, group_size=32),
         gptq=GPTQConfig(block_size=16),
-        refine=RefineConfig(instance_weight=0.5),
+        calibration=CalibrationConfig(mode="single-instance", instance_weight=0.5),
     )
-    result = quantize_model(model, _calib(8, 64), cfg, CalibrationConfig(mode="single-instance"), progress=False)
+    result = quantize_model(model, _calib(8, 64), cfg, progress=False)
     assert len(result.weights) == 14
     moved = 0
     for rep in result.reports:
@@ -243,10 +247,11 @@ def _assert_same_quality(want: ModelQuantization, got: ModelQuantization) -> Non
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", ["sequential", "single-instance"])
 def test_quantize_on_cuda_matches_the_cpu_result_closely(mode):
-    cfg = QuantConfig(method="rpiq", grid=GridConfig(bits=4, group_size=32), gptq=GPTQConfig(block_size=16))
+    cal = CalibrationConfig(mode=mode)
+    cfg = RPIQConfig(grid=GridConfig(bits=4, group_size=32), gptq=GPTQConfig(block_size=16), calibration=cal)
     calib = _calib()
-    cpu = quantize_model(tiny_model("llama"), calib, cfg, CalibrationConfig(mode=mode), progress=False)
-    gpu = quantize_model(tiny_model("llama"), calib, cfg, CalibrationConfig(mode=mode), device="cuda", progress=False)
+    cpu = quantize_model(tiny_model("llama"), calib, cfg, progress=False)
+    gpu = quantize_model(tiny_model("llama"), calib, cfg, device="cuda", progress=False)
     _assert_same_quality(cpu, gpu)
 
 
@@ -255,9 +260,9 @@ def test_offloaded_hessians_stay_on_the_host_and_free_the_gpu():
     """Single-instance on a GPU with `offload_hessians`: every Hessian is accumulated in host
     memory (the cross-device branch of `HessianAccumulator.add`), the result matches the
     on-device run's, and the GPU's peak memory is lower by about the model's Hessians."""
-    from quantizer.pipeline import stream_hessians
+    from quantizer.single_instance import stream_hessians
 
-    cfg = QuantConfig(method="rpiq", grid=GridConfig(bits=4, group_size=32), gptq=GPTQConfig(block_size=16))
+    cfg = RPIQConfig(grid=GridConfig(bits=4, group_size=32), gptq=GPTQConfig(block_size=16))
     calib = _calib(16, 64)
     model = tiny_model("llama").cuda()
     adapter = get_adapter(model)
@@ -276,7 +281,8 @@ def test_offloaded_hessians_stay_on_the_host_and_free_the_gpu():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         cal = CalibrationConfig(mode="single-instance", offload_hessians=offload)
-        results[offload] = quantize_model(tiny_model("llama"), calib, cfg, cal, device="cuda", progress=False)
+        run_cfg = cfg.model_copy(update={"calibration": cal})
+        results[offload] = quantize_model(tiny_model("llama"), calib, run_cfg, device="cuda", progress=False)
         peaks[offload] = torch.cuda.max_memory_allocated()
     _assert_same_quality(results[False], results[True])
     assert peaks[True] < peaks[False], peaks
@@ -291,7 +297,7 @@ def test_lm_head_quantization_unties_and_round_trips_through_a_checkpoint(arch, 
     model = tiny_model(arch)
     head_fp = model.get_output_embeddings().weight.detach().clone()
     embed_fp = model.get_input_embeddings().weight.detach().clone()
-    cfg = QuantConfig(method="gptq", grid=GridConfig(bits=4, group_size=32))
+    cfg = quant_config("gptq", grid=GridConfig(bits=4, group_size=32))
     result = quantize_model(model, _calib(), cfg, progress=False, lm_head=True)
     head_name = "lm_head"
     assert head_name in result.weights and result.reports[-1].name == head_name

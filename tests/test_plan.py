@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from gptq_format import save_quantized
 from models.cogvlm2 import CogVLM2Config
-from quantizer.config import GridConfig, QuantConfig
+from quantizer.config import GridConfig, quant_config
 from quantizer.pipeline import quantize_model
 from quantizer.vlm_calibration import builtin_samples
 from rpiq.cli import app
@@ -47,7 +47,7 @@ def test_cogvlm2_reduction_against_the_papers_claim(cogvlm2_plan):
 def test_plan_bytes_equal_a_written_checkpoint(tmp_path):
     """The cost model is the GPTQ format itself: same bytes as the tensors save_quantized writes."""
     vlm = FAMILIES["llava"]()
-    cfg = QuantConfig(method="rtn", grid=GridConfig(bits=4, group_size=32))
+    cfg = quant_config("rtn", grid=GridConfig(bits=4, group_size=32))
     result = quantize_model(vlm.model, vlm.inputs(builtin_samples(1, size=(64, 48))), cfg, progress=False)
     out = save_quantized(vlm.model, result.weights, tmp_path / "ckpt", checkpoint_format="gptq_v2")
     written = 0

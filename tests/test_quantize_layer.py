@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from gptq_format.packing import pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
-from quantizer.config import GPTQConfig, GridConfig, QuantConfig, RefineConfig
+from quantizer.config import (
+    AblationConfig,
+    CalibrationConfig,
+    GPTQConfig,
+    GridConfig,
+    RefineConfig,
+    quant_config,
+)
 from quantizer.grid import fake_quantize, fit_params
 from quantizer.hessian import HessianAccumulator, prepare_hessian
 from quantizer.layer import Instance, compensation_target, instance_target, layer_loss, quantize_weight
@@ -17,12 +24,13 @@ from tests.layers import realistic_layer
 SHAPES = [(192, 256), (768, 768), (256, 320)]  # (out, in); 320 = 2.5 groups of 128
 
 
-def _cfg(method: str, bits: int, group_size: int, **refine) -> QuantConfig:
-    return QuantConfig(
-        method=method,
-        grid=GridConfig(bits=bits, group_size=group_size),
-        refine=RefineConfig(**refine),
-    )
+def _cfg(method: str, bits: int, group_size: int, **fields):
+    """`method`'s config; each keyword goes to the section (refine, ablation, calibration) that has it."""
+    sections = {"refine": RefineConfig, "ablation": AblationConfig, "calibration": CalibrationConfig}
+    chosen = {name: {k: v for k, v in fields.items() if k in cls.model_fields} for name, cls in sections.items()}
+    assert {k for kw in chosen.values() for k in kw} == set(fields), fields
+    built = {name: sections[name](**kw) for name, kw in chosen.items()}
+    return quant_config(method, grid=GridConfig(bits=bits, group_size=group_size), **built)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +95,7 @@ def test_gptq_matches_textbook_recursion(group_size):
     layer = realistic_layer(24, 64, tokens=512, seed=3)
     grid = GridConfig(bits=4, group_size=group_size)
     ref = _textbook_gptq(layer.W, layer.H, grid, 0.01)
-    cfg = QuantConfig(method="gptq", grid=grid, gptq=GPTQConfig(block_size=32))
+    cfg = quant_config("gptq", grid=grid, gptq=GPTQConfig(block_size=32))
     qw, _ = quantize_weight(layer.W, layer.H, cfg)
     got = qw.dequantize().double()
     mismatch = (got - ref).abs() > 1e-5
@@ -100,7 +108,7 @@ def test_gptq_matches_textbook_recursion(group_size):
 @pytest.mark.parametrize("method", ["rtn", "gptq", "rpiq"])
 def test_values_on_grid_codes_in_range_and_packing_round_trips(bits, method):
     layer = realistic_layer(64, 256, tokens=1024, seed=bits)
-    cfg = QuantConfig(method=method, grid=GridConfig(bits=bits, group_size=64))
+    cfg = quant_config(method, grid=GridConfig(bits=bits, group_size=64))
     qw, _ = quantize_weight(layer.W, layer.H, cfg)
     assert qw.codes.dtype == torch.uint8
     assert int(qw.codes.max()) <= 2**bits - 1
@@ -121,8 +129,8 @@ def test_act_order_keeps_g_idx_consistent():
     layer = realistic_layer(96, 256, tokens=1024, seed=7)
     losses = {}
     for act, static in [(False, False), (True, False), (True, True)]:
-        cfg = QuantConfig(
-            method="rpiq",
+        cfg = quant_config(
+            "rpiq",
             grid=GridConfig(bits=3, group_size=64),
             gptq=GPTQConfig(act_order=act, static_groups=static, block_size=64),
         )
@@ -191,7 +199,7 @@ def test_single_instance_compensates_upstream_error():
     Xq = layer.X + 0.05 * layer.X.std() * torch.randn(layer.X.shape, generator=g)
     Y = layer.X @ layer.W.t()
     cfg = _cfg("rpiq", 4, 64, rounds=3, instance_weight=1.0)
-    qg, _ = quantize_weight(layer.W, layer.H, cfg.model_copy(update={"method": "gptq"}))
+    qg, _ = quantize_weight(layer.W, layer.H, quant_config("gptq", grid=cfg.grid, calibration=cfg.calibration))
     qi, _ = quantize_weight(layer.W, layer.H, cfg, instance=Instance(Xq=Xq, Y=Y))
     err_gptq = torch.sum((Y - Xq @ qg.dequantize().t()) ** 2)
     err_inst = torch.sum((Y - Xq @ qi.dequantize().t()) ** 2)
@@ -237,7 +245,7 @@ def test_compensated_gptq_matches_the_full_precision_output_better():
     for method in ("gptq", "rpiq"):
         cfg = _cfg(method, 3, 64, block_size=32)  # stage 2 needs several blocks to move anything
         # 2048 tokens for 128 inputs: nothing to overfit, so the weak ridge of the plain GPTQ damping.
-        cfg = cfg.model_copy(update={"gptq": GPTQConfig(compensation_percdamp=0.01)})
+        cfg = cfg.model_copy(update={"calibration": CalibrationConfig(compensation_percdamp=0.01)})
         plain, _ = quantize_weight(layer.W, H, cfg)
         comp, rep = quantize_weight(layer.W, H, cfg, cross=cross)
         errs[method] = [float(torch.sum((Y - Xq @ q.dequantize().t()) ** 2)) for q in (plain, comp)]
@@ -273,8 +281,8 @@ def test_single_instance_compensation_fits_the_kept_batch_better_than_stage_two_
     layer = realistic_layer(64, 128, tokens=2048, seed=17)
     Xq = _degraded(layer, noise=0.1)
     kept = slice(0, 1024)
-    cfg = _cfg("rpiq", 3, 64, block_size=32, instance_weight=0.5)
-    cfg = cfg.model_copy(update={"gptq": GPTQConfig(block_size=32, compensation_percdamp=0.01)})
+    cfg = _cfg("rpiq", 3, 64, block_size=32, instance_weight=0.5, compensation_percdamp=0.01)
+    cfg = cfg.model_copy(update={"gptq": GPTQConfig(block_size=32)})
     Y = layer.X[kept] @ layer.W.t()
     errs = {}
     for compensate in (False, True):

@@ -14,14 +14,14 @@ from models.int4 import load_quantized
 from models.int4.linear import QuantLinear
 from quantizer.adapters import get_adapter
 from quantizer.capture import capture_first_layer_inputs, run_layer
-from quantizer.config import GPTQConfig, GridConfig, QuantConfig
+from quantizer.config import GPTQConfig, GridConfig, quant_config
 from quantizer.pipeline import quantize_model
 from quantizer.vlm_calibration import builtin_samples
 from tests.tiny_vlms import qwen2_5_vl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CFG = QuantConfig(method="gptq", grid=GridConfig(bits=4, group_size=32), gptq=GPTQConfig(block_size=32))
+CFG = quant_config("gptq", grid=GridConfig(bits=4, group_size=32), gptq=GPTQConfig(block_size=32))
 CPU = torch.device("cpu")
 
 

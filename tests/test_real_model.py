@@ -7,11 +7,12 @@ import torch
 
 from models.loading import load_fp_model
 from quantizer.adapters import get_adapter
-from quantizer.config import GridConfig, QuantConfig
+from quantizer.config import GridConfig, quant_config
 from quantizer.data import calibration_windows, evaluation_windows, load_text
 from quantizer.evaluate import perplexity
 from quantizer.layer import layer_loss, quantize_weight
-from quantizer.pipeline import quantize_model, stream_hessians
+from quantizer.pipeline import quantize_model
+from quantizer.single_instance import stream_hessians
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +41,7 @@ def test_real_layers_rpiq_below_gptq_below_rtn_on_calibration_and_heldout_text(r
             for name, module in c.modules.items():
                 W = module.weight.detach()
                 for method in totals:
-                    qw, rep = quantize_weight(W, c.hessian(name), QuantConfig(method=method, grid=GridConfig(bits=3)))
+                    qw, rep = quantize_weight(W, c.hessian(name), quant_config(method, grid=GridConfig(bits=3)))
                     totals[method][0] += rep.loss_final
                     totals[method][1] += layer_loss(W, qw.dequantize(), ch.hessian(name))
     for i in (0, 1):  # calibration text, then unseen text
@@ -55,11 +56,11 @@ def test_whole_model_perplexity_ordering_fp_gptq_rtn(real):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     try:
         ppl_fp = perplexity(model, heldout)
-        cfg = QuantConfig(method="rtn", grid=GridConfig(bits=3))
+        cfg = quant_config("rtn", grid=GridConfig(bits=3))
         quantize_model(model, calib, cfg, progress=False)
         ppl_rtn = perplexity(model, heldout)
         model.load_state_dict(state)
-        quantize_model(model, calib, cfg.model_copy(update={"method": "gptq"}), progress=False)
+        quantize_model(model, calib, quant_config("gptq", grid=cfg.grid), progress=False)
         ppl_gptq = perplexity(model, heldout)
     finally:
         model.load_state_dict(state)

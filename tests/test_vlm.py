@@ -10,14 +10,14 @@ import torch
 from gptq_format import save_quantized
 from models.int4 import load_quantized
 from quantizer.adapters import get_adapter
-from quantizer.config import GPTQConfig, GridConfig, QuantConfig
-from quantizer.pipeline import CalibrationConfig, quantize_model
+from quantizer.config import CalibrationConfig, GPTQConfig, GridConfig, quant_config
+from quantizer.pipeline import quantize_model
 from quantizer.vlm_calibration import PHOTOS, TEXTS, builtin_samples
 from tests.tiny_vlms import FAMILIES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CFG = QuantConfig(method="rpiq", grid=GridConfig(bits=4, group_size=32), gptq=GPTQConfig(block_size=32))
+CFG = quant_config("rpiq", grid=GridConfig(bits=4, group_size=32), gptq=GPTQConfig(block_size=32))
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +116,8 @@ def test_single_instance_mode_runs_on_image_batches(samples):
     vlm = FAMILIES["qwen2_vl"]()
     ref = _logits(vlm.model, vlm.inputs(samples)[0])
     batches = vlm.inputs(samples)
-    result = quantize_model(
-        vlm.model, batches, CFG, CalibrationConfig(mode="single-instance", instance_windows=2), progress=False
-    )
+    cal = CalibrationConfig(mode="single-instance", instance_windows=2)
+    result = quantize_model(vlm.model, batches, CFG.model_copy(update={"calibration": cal}), progress=False)
     assert len(result.weights) == 2 * 7
     err = torch.mean((_logits(vlm.model, batches[0]) - ref) ** 2)
     assert 0 < err < 0.05 * torch.mean(ref**2)

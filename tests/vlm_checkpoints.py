@@ -27,12 +27,12 @@ import torch
 
 from gptq_format import QuantizedWeight, save_quantized
 from models.loading import load_fp_model
-from quantizer.config import GPTQConfig, GridConfig, QuantConfig
+from quantizer.config import GPTQConfig, GridConfig, quant_config
 from quantizer.pipeline import quantize_model
 from quantizer.vlm_calibration import builtin_samples, vlm_batches
 from tests.tiny_vlms import FAMILIES, TEMPLATE
 
-CFG = QuantConfig(method="gptq", grid=GridConfig(bits=4, group_size=32), gptq=GPTQConfig(block_size=32))
+CFG = quant_config("gptq", grid=GridConfig(bits=4, group_size=32), gptq=GPTQConfig(block_size=32))
 SERVED = ("idefics3", "qwen2_vl", "llava")  # the families transformers ships natively
 QWEN2_VL_TEMPLATE = TEMPLATE.replace("IMAGE", "<|vision_start|><|image_pad|><|vision_end|>")
 REMOTE_TYPE = "cogvlm2_remote"

@@ -21,31 +21,33 @@ def generate(
     chat: Annotated[bool, typer.Option(help="wrap the prompt in the model's chat template")] = True,
     system: Annotated[str | None, typer.Option(help="system prompt (chat mode)")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
-    kernel: Annotated[str, typer.Option(help="int4 kernel for checkpoints: auto, tinygemm-cpu, ...")] = "auto",
+    kernel: Annotated[
+        str, typer.Option(help="int4 kernel for checkpoints: auto, tinygemm-cpu, tinygemm-cuda, dequant")
+    ] = "auto",
     stream: Annotated[bool, typer.Option(help="print tokens as they are generated")] = True,
 ) -> None:
     """Generate text with a full-precision model or an int4 checkpoint (on int4 kernels)."""
     from gptq_format import CheckpointError
     from models.inference import GenerationOptions, generate_text, load_for_inference
-    from models.int4 import KernelUnavailableError
+    from models.int4 import KERNEL_CHOICES, KernelUnavailableError
     from models.loading import ModelLoadError
 
     _check_device(device)
+    if kernel not in KERNEL_CHOICES:
+        _fail(f"--kernel {kernel!r} is not one of {', '.join(KERNEL_CHOICES)}")
     try:
         options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         m, tok, _ = load_for_inference(model, device=device, kernel=kernel)
     except (ValueError, ModelLoadError, CheckpointError, KernelUnavailableError, OSError) as e:
         _fail(str(e))
-    streamer = None
-    if stream:
-        from transformers import TextStreamer
 
-        streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-    result = generate_text(m, tok, prompt, options, chat=chat, system=system, streamer=streamer)
-    if not stream:
-        out.print(result.text, markup=False, highlight=False)
+    def show(text: str) -> None:
+        out.print(text, end="", markup=False, highlight=False)
+
+    result = generate_text(m, tok, prompt, options, chat=chat, system=system, on_text=show if stream else None)
+    out.print("" if stream else result.text, markup=False, highlight=False)
     console.print(
-        f"[dim]{result.new_tokens} tokens in {result.seconds:.2f} s ({result.tokens_per_second:.1f} tokens/s); "
+        f"[dim]{result.completion_tokens} tokens in {result.seconds:.2f} s ({result.tokens_per_second:.1f} tokens/s); "
         f"{'stopped at end of answer' if result.finished else 'hit --max-new-tokens'}; "
         f"kernels {getattr(m, 'int4_kernels', 'none (full precision)')}[/]"
     )

@@ -6,12 +6,15 @@ import json
 import time
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
 from .common import _fail, console, out
+
+if TYPE_CHECKING:
+    from quantizer.config import QuantConfig
 
 
 class Method(StrEnum):
@@ -30,24 +33,30 @@ class Format(StrEnum):
     gptq_v2 = "gptq_v2"
 
 
-
 def quantize(
     model: Annotated[str | None, typer.Argument(help="local model directory; omit for the embedded default")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="output checkpoint directory")] = None,
-    method: Annotated[Method, typer.Option(help="rtn, gptq (stage 1) or rpiq (stages 1 + 2)")] = Method.rpiq,
-    bits: Annotated[int, typer.Option(help="2, 3, 4 or 8")] = 4,
-    group_size: Annotated[int, typer.Option(help="columns per scale/zero group; -1 = per channel")] = 128,
-    sym: Annotated[bool, typer.Option(help="symmetric grid")] = False,
-    act_order: Annotated[bool, typer.Option(help="quantize columns by descending Hessian diagonal")] = False,
-    static_groups: Annotated[bool, typer.Option(help="with --act-order: fix group grids up front")] = False,
-    block_size: Annotated[int, typer.Option(help="GPTQ lazy-update block size")] = 128,
-    percdamp: Annotated[float, typer.Option(help="Hessian damping, fraction of mean diagonal")] = 0.01,
+    recipe: Annotated[
+        Path | None,
+        typer.Option(
+            help="JSON quantization config (a config dump, e.g. the rpiq.config entry an earlier run wrote to its "
+            "quantize_config.json); the flags below override its fields"
+        ),
+    ] = None,
+    method: Annotated[Method | None, typer.Option(help="rtn, gptq (stage 1) or rpiq (stages 1 + 2, default)")] = None,
+    bits: Annotated[int | None, typer.Option(help="2, 3, 4 or 8 (default 4)")] = None,
+    group_size: Annotated[int | None, typer.Option(help="columns per scale/zero group; -1 = per channel")] = None,
+    sym: Annotated[bool | None, typer.Option(help="symmetric grid")] = None,
+    act_order: Annotated[bool | None, typer.Option(help="quantize columns by descending Hessian diagonal")] = None,
+    static_groups: Annotated[bool | None, typer.Option(help="with --act-order: fix group grids up front")] = None,
+    block_size: Annotated[int | None, typer.Option(help="GPTQ lazy-update block size")] = None,
+    percdamp: Annotated[float | None, typer.Option(help="Hessian damping, fraction of mean diagonal")] = None,
     rounds: Annotated[int | None, typer.Option(help="stage-2 Gauss-Seidel rounds (rpiq)")] = None,
     alpha: Annotated[float | None, typer.Option(help="stage-2 step size (rpiq)")] = None,
-    calib: Annotated[Calib, typer.Option(help="calibration mode")] = Calib.sequential,
+    calib: Annotated[Calib | None, typer.Option(help="calibration mode (default sequential)")] = None,
     instance_windows: Annotated[
-        int, typer.Option(help="single-instance: calibration windows kept to drive stage 2")
-    ] = 4,
+        int | None, typer.Option(help="single-instance: calibration windows kept to drive stage 2")
+    ] = None,
     instance_weight: Annotated[
         float | None, typer.Option(help="single-instance: weight of the kept batch's output error (0..1)")
     ] = None,
@@ -61,14 +70,18 @@ def quantize(
             "default: on for rpiq, off for gptq",
         ),
     ] = None,
+    compensation_percdamp: Annotated[
+        float | None,
+        typer.Option(help="ridge of the compensation target, fraction of mean(diag H); larger = closer to W"),
+    ] = None,
     offload_hessians: Annotated[
-        bool,
+        bool | None,
         typer.Option(
             help="single-instance: keep every layer's Hessians, and each decoder layer outside its own forward, "
             "in host memory, so the GPU holds the embeddings, one layer and one batch (each batch's X^T X is "
             "formed on the GPU and only the product is copied; layers are copied in once per window)"
         ),
-    ] = False,
+    ] = None,
     hessian_budget_mib: Annotated[
         float | None,
         typer.Option(
@@ -113,10 +126,6 @@ def quantize(
     ] = False,
     resume: Annotated[bool, typer.Option(help="resume an interrupted run from OUT.rpiq-state")] = True,
     progress: Annotated[bool, typer.Option(help="progress bars")] = True,
-    compensation_percdamp: Annotated[
-        float | None,
-        typer.Option(help="ridge of the compensation target, fraction of mean(diag H); larger = closer to W"),
-    ] = None,
     trust_remote_code: Annotated[
         bool,
         typer.Option(
@@ -130,10 +139,9 @@ def quantize(
 
     from gptq_format import checkpoint_bytes, save_quantized
     from models.loading import DTYPES, ModelLoadError, load_fp_model
-    from quantizer.config import GPTQConfig, GridConfig, QuantConfig, RefineConfig
     from quantizer.data import calibration_windows, evaluation_windows, load_text
     from quantizer.evaluate import perplexity
-    from quantizer.pipeline import CalibrationConfig, quantize_model
+    from quantizer.pipeline import quantize_model
     from quantizer.vlm_calibration import IMAGES, image_calibration
 
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -141,31 +149,32 @@ def quantize(
     try:
         if save_dtype not in DTYPES:
             raise ValueError(f"--save-dtype {save_dtype!r} is not one of {', '.join(DTYPES)}")
-        chosen = {"rounds": rounds, "alpha": alpha, "instance_weight": instance_weight}
-        refine_kw = {k: v for k, v in chosen.items() if v is not None}
-        config = QuantConfig(
-            method=method.value,
-            grid=GridConfig(
-                bits=bits,
-                group_size=group_size,
-                sym=sym,
-                min_zero=1 if checkpoint_format == Format.gptq else 0,
-            ),
-            gptq=GPTQConfig(
-                block_size=block_size,
-                percdamp=percdamp,
-                act_order=act_order,
-                static_groups=static_groups,
-                **({} if compensation_percdamp is None else {"compensation_percdamp": compensation_percdamp}),
-            ),
-            refine=RefineConfig(**refine_kw),
-        )
-        calibration = CalibrationConfig(
-            mode=calib.value,
-            instance_windows=instance_windows,
-            compensate=compensate,
-            offload_hessians=offload_hessians,
-            hessian_budget_mib=hessian_budget_mib,
+        # Only what the user gave: every default lives once, in quantizer.config.
+        config = build_config(
+            recipe,
+            method.value if method is not None else None,
+            grid={
+                "bits": bits,
+                "group_size": group_size,
+                "sym": sym,
+                "min_zero": 1 if checkpoint_format == Format.gptq else None,
+            },
+            gptq={
+                "block_size": block_size,
+                "percdamp": percdamp,
+                "act_order": act_order,
+                "static_groups": static_groups,
+            },
+            refine={"rounds": rounds, "alpha": alpha},
+            calibration={
+                "mode": calib.value if calib is not None else None,
+                "instance_windows": instance_windows,
+                "instance_weight": instance_weight,
+                "compensate": compensate,
+                "compensation_percdamp": compensation_percdamp,
+                "offload_hessians": offload_hessians,
+                "hessian_budget_mib": hessian_budget_mib,
+            },
         )
         m, tok, where = load_fp_model(model, dtype, trust_remote_code=trust_remote_code)
         if calib_data == IMAGES:  # (image, question, answer) batches through the whole VLM
@@ -178,15 +187,16 @@ def quantize(
     except (ValueError, ModelLoadError) as e:
         _fail(str(e))
     name = Path(str(where)).name
-    out_dir = out_dir or Path(f"{name}-{method.value}-w{bits}g{group_size}")
-    report: dict = {"model": str(where), "method": method.value, "bits": bits, "group_size": group_size}
+    grid, mode = config.grid, config.calibration.mode
+    out_dir = out_dir or Path(f"{name}-{config.method}-w{grid.bits}g{grid.group_size}")
+    report: dict = {"model": str(where), "method": config.method, "bits": grid.bits, "group_size": grid.group_size}
     if ev is not None:
         console.print(f"measuring full-precision perplexity on {ev.shape[0]} x {ev.shape[1]} tokens ...")
         report["ppl_fp"] = perplexity(m.to(device), ev, device=device, progress=progress)
         m.to("cpu")
     fp_bytes = _param_bytes(m, torch.float16)
     console.print(
-        f"quantizing {name} ({method.value}, {bits}-bit, group {group_size}, {calib.value}, "
+        f"quantizing {name} ({config.method}, {grid.bits}-bit, group {grid.group_size}, {mode}, "
         f"{nsamples} x {seqlen} calibration tokens from {calib_data!r})"
     )
     state_dir = out_dir.with_name(out_dir.name + ".rpiq-state") if resume else None
@@ -195,7 +205,6 @@ def quantize(
         m,
         windows,
         config,
-        calibration,
         device=device,
         state_dir=state_dir,
         run_id=str(where),
@@ -206,9 +215,9 @@ def quantize(
     report["quantize_seconds"] = time.perf_counter() - t0
     report["layer_loss_sum"] = result.total_loss
     meta = {
-        "method": method.value,
-        "calibration": calib.value,
-        "compensate": calibration.for_method(method.value).compensate,
+        "method": config.method,
+        "calibration": mode,
+        "compensate": config.compensate,
         "calib_data": calib_data,
         "nsamples": nsamples,
         "seqlen": seqlen,
@@ -240,6 +249,38 @@ def quantize(
     report["size_checkpoint_bytes"] = checkpoint_bytes(out_dir)
     report["out"] = str(out_dir)
     _print_summary(report)
+
+
+def build_config(recipe: Path | None, method: str | None, **sections: dict[str, Any]) -> QuantConfig:
+    """The recipe file's config (else the defaults), `method` and the given (non-None) fields on top.
+
+    A section the chosen method does not read (e.g. `refine` for gptq) is dropped from the recipe;
+    a flag for one is ignored, with a note, as before the configs were split by method.
+    """
+    from quantizer.config import METHOD_CONFIGS, parse_config
+
+    data: dict[str, Any] = {}
+    if recipe is not None:
+        try:
+            data = json.loads(recipe.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"--recipe {recipe}: {e}") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"--recipe {recipe}: expected a JSON object (a quantization config)")
+    if method is not None:
+        data["method"] = method
+    own = METHOD_CONFIGS.get(data.get("method", "rpiq"), METHOD_CONFIGS["rpiq"]).model_fields
+    data = {k: v for k, v in data.items() if k in own}
+    for section, values in sections.items():
+        given = {k: v for k, v in values.items() if v is not None}
+        if not given:
+            continue
+        if section not in own:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            console.print(f"note: {flags} does not apply to method {data.get('method', 'rpiq')}; ignored")
+            continue
+        data[section] = {**data.get(section, {}), **given}
+    return parse_config(data)
 
 
 def _param_bytes(model, dtype) -> int:

@@ -25,7 +25,9 @@ def serve(
     queue_size: Annotated[int | None, typer.Option(help="requests that may wait for the model (503 beyond)")] = None,
     timeout: Annotated[float | None, typer.Option(help="per-request timeout in seconds")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda")] = None,
-    kernel: Annotated[str | None, typer.Option(help="int4 kernel for quantized checkpoints")] = None,
+    kernel: Annotated[
+        str | None, typer.Option(help="int4 kernel for checkpoints: auto, tinygemm-cpu, tinygemm-cuda, dequant")
+    ] = None,
     dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16, float16")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
     ocr: Annotated[str | None, typer.Option(help="OCR engine: rapidocr, tesseract or none")] = None,
@@ -57,7 +59,7 @@ def serve(
     try:
         if env_file is not None and not env_file.is_file():
             raise ValueError(f"--env-file {env_file} does not exist")
-        settings = ServerSettings(_env_file=env_file, **overrides)
+        settings = ServerSettings(_env_file=env_file, **overrides)  # checks --kernel, --dtype, ... (Literal types)
         settings.check_exposure()
         if settings.device.startswith("cuda"):
             import torch

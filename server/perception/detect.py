@@ -4,7 +4,8 @@ Why the filtering: the raw detector returns 100 boxes, most of them noise, and s
 object. Saying them all would be worse than silence. So each class has its own score threshold
 (classes the model is known to hallucinate need more evidence), boxes of one class are merged with
 non-maximum suppression, a box that nearly coincides with a stronger box of another class is dropped
-(a cup that is also called a bowl; a phone inside a person's box is kept), and at most `MAX_OBJECTS` of the strongest remain.
+(a cup that is also called a bowl; a phone inside a person's box is kept), and at most `MAX_OBJECTS`
+of the strongest remain.
 """
 
 from __future__ import annotations

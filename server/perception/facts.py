@@ -27,6 +27,7 @@ class DetectedObject(BaseModel):
     clock: str = Field(description="clock direction from the camera, e.g. '12 o'clock' is straight ahead")
     direction: str = Field(description="the same direction in words, e.g. 'straight ahead', 'on the left'")
     nearness: Nearness
+    colour: str | None = Field(None, description="main colours of the middle of the box, e.g. 'orange and red'")
 
 
 class Person(BaseModel):

@@ -1,22 +1,21 @@
-"""Small helpers the route modules share: runtime access, content negotiation, SSE framing, body docs."""
+"""What the route modules share: the documented error responses, the image-route request body, WAV replies, voices."""
 
 from __future__ import annotations
 
-import asyncio
-import json
+from collections.abc import Callable, Coroutine
 from typing import Any
 from urllib.parse import quote
 
 from fastapi import Request
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
-from ..engine import GenParams
 from ..errors import ApiError
-from ..lanes import QueueFull
-from ..runtime import RequestCtx, Runtime
+from ..runtime import Runtime
+from ..settings import ServerSettings
+from ..uploads import read_body
 
-WAV_TYPES = ("audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave")
 ERRORS = {
     code: {
         "description": text,
@@ -34,13 +33,28 @@ ERRORS = {
 }
 
 
-def runtime(request: Request) -> Runtime:
-    return request.app.state.rt
+def body_limited(limit: Callable[[ServerSettings], int]) -> type[APIRoute]:
+    """A route class whose request body is read with a byte limit first (413 ``body_too_large``
+    beyond `limit(settings)`); FastAPI alone would read a typed body of any size."""
 
+    class LimitedRequest(Request):
+        async def body(self) -> bytes:
+            if not hasattr(self, "_body"):
+                self._body = await read_body(self, limit(self.app.state.rt.settings))
+            return self._body
 
-def wants_wav(request: Request) -> bool:
-    accept = request.headers.get("accept", "").lower()
-    return any(t in accept for t in WAV_TYPES)
+    class BodyLimitedRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            handler = super().get_route_handler()
+
+            async def limited(request: Request) -> Response:
+                request = LimitedRequest(request.scope, request.receive)
+                await request.body()  # here, so that its 413 is ours rather than FastAPI's parse error
+                return await handler(request)
+
+            return limited
+
+    return BodyLimitedRoute
 
 
 def wav_response(wav: bytes, text: str | None = None, extra: dict[str, str] | None = None) -> Response:
@@ -48,37 +62,6 @@ def wav_response(wav: bytes, text: str | None = None, extra: dict[str, str] | No
     if text is not None:
         headers["X-Rpiq-Text"] = quote(text[:2000])  # percent-encoded: headers are latin-1 only
     return Response(content=wav, media_type="audio/wav", headers=headers)
-
-
-def sse(event: str | None, data: Any) -> str:
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
-    return (f"event: {event}\n" if event else "") + f"data: {payload}\n\n"
-
-
-def queue_full(rt: Runtime, e: QueueFull) -> ApiError:
-    rt.metrics.rejected.labels(e.lane).inc()
-    return ApiError(503, "queue_full", f"The server is busy ({e.lane} queue full); retry in {e.retry_after} s.",
-                    {"Retry-After": str(e.retry_after)})  # fmt: skip
-
-
-def start_generation(
-    rt: Runtime, ctx: RequestCtx, messages: list, params: GenParams, q: asyncio.Queue[tuple[str, str | None]]
-) -> asyncio.Future:
-    """Generate on the model lane for a streaming route: text arrives on `q` as ("delta", text) from the
-    model thread, then ("end", None) once generation is over; a full lane is a 503 before anything streams."""
-    loop = asyncio.get_running_loop()
-
-    def on_text(text: str) -> None:  # called on the model thread
-        loop.call_soon_threadsafe(q.put_nowait, ("delta", text))
-
-    try:
-        cfut = rt.model_lane.submit_sync(rt.engine.generate, messages, params, ctx.cancel, ctx.deadline, on_text,
-                                         cancel=ctx.cancel)  # fmt: skip
-    except QueueFull as e:
-        raise queue_full(rt, e) from None
-    future = asyncio.wrap_future(cfut)
-    future.add_done_callback(lambda _f: q.put_nowait(("end", None)))
-    return future
 
 
 def pick_voice(rt: Runtime, voice: str | None, language: str | None) -> str | None:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ..auth import require_api_key
-from .common import runtime
+from ..deps import RuntimeDep, require_api_key
 
 router = APIRouter(tags=["health"])
 
@@ -18,8 +17,7 @@ async def healthz() -> dict:
 
 
 @router.get("/readyz", summary="Ready: model, OCR and speech loaded (503 until then)")
-async def readyz(request: Request) -> JSONResponse:
-    rt = runtime(request)
+async def readyz(rt: RuntimeDep) -> JSONResponse:
     body = {
         "ready": rt.ready,
         "model": rt.engine.name if rt.engine.loaded else None,
@@ -32,6 +30,5 @@ async def readyz(request: Request) -> JSONResponse:
 
 
 @router.get("/metrics", summary="Prometheus text format", dependencies=[Depends(require_api_key)])
-async def metrics(request: Request) -> Response:
-    rt = runtime(request)
+async def metrics(rt: RuntimeDep) -> Response:
     return Response(rt.metrics.render(rt.lanes), media_type=CONTENT_TYPE_LATEST)

@@ -5,19 +5,18 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from ..assist import audio_json, load_image
-from ..auth import require_api_key
+from ..deps import AcceptsWav, RuntimeDep, require_api_key, require_ready
 from ..errors import ApiError
 from ..images import measure
 from ..prompts import NO_TEXT
-from ..runtime import ClientGone
 from ..schemas import ReadJson, ReadOptions, ReadResponse
 from ..uploads import parse_image_request
-from .common import ERRORS, image_body, runtime, wants_wav, wav_response
+from .common import ERRORS, image_body, wav_response
 
-router = APIRouter(tags=["assist"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["assist"], dependencies=[Depends(require_api_key), Depends(require_ready)])
 
 
 @router.post(
@@ -27,13 +26,10 @@ router = APIRouter(tags=["assist"], dependencies=[Depends(require_api_key)])
     openapi_extra=image_body(ReadJson, ReadOptions),
     summary="Read the text in a photo (signs, labels, letters, screens), in reading order",
 )
-async def read(request: Request) -> Response:
-    rt = runtime(request)
-    rt.require_ready()
+async def read(request: Request, rt: RuntimeDep, as_wav: AcceptsWav) -> Response | ReadResponse:
     image_bytes, opts = await parse_image_request(request, ReadOptions, rt.settings.max_upload_bytes)
     if rt.reader is None:
         raise ApiError(503, "ocr_unavailable", f"No OCR engine is available: {rt.components.get('ocr')}")
-    as_wav = wants_wav(request)
     ctx = rt.context(opts.timeout_s)
     cleanup = rt.settings.ocr_cleanup if opts.cleanup is None else opts.cleanup
 
@@ -54,14 +50,11 @@ async def read(request: Request) -> Response:
         timings["total_s"] = ctx.elapsed()
         return {"reading": reading, "facts": facts, "audio": audio, "timings": timings}
 
-    try:
-        out = await rt.guard(request, ctx, work())
-    except ClientGone:
-        return Response(status_code=499)
+    out = await rt.guard(request, ctx, work())
     reading, audio = out["reading"], out["audio"]
     if as_wav:
         return wav_response(audio.wav, reading.text)
-    body = ReadResponse(
+    return ReadResponse(
         text=reading.text,
         lines=[{"text": ln.text, "confidence": round(ln.confidence, 3), "box": ln.box} for ln in reading.lines],
         engine=reading.engine,
@@ -71,4 +64,3 @@ async def read(request: Request) -> Response:
         model=rt.engine.name,
         image=out["facts"].as_dict(),
     )
-    return JSONResponse(body.model_dump())

@@ -84,3 +84,21 @@ def test_guide_mentions_every_file():
     for f in DEPLOY.iterdir():
         if f.name != "README.md":
             assert f.name in guide, f.name
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--kernel", "nope"], {}, "kernel: Input should be 'auto', 'tinygemm-cuda', 'tinygemm-cpu' or 'dequant'"),
+        (["--dtype", "int3"], {}, "dtype: Input should be 'auto', 'float32', 'bfloat16' or 'float16'"),
+        ([], {"RPIQ_KERNEL": "fast"}, "kernel: Input should be"),
+    ],
+)
+def test_serve_rejects_a_bad_kernel_or_dtype_at_start(monkeypatch, args, env, message):
+    """A typo in --kernel/--dtype (or the env file) stops `rpiq serve` at once, not as a 503 from the loader."""
+    import server.app
+
+    monkeypatch.setattr(server.app, "run", lambda settings: pytest.fail("the server must not start"))
+    res = runner.invoke(app, ["serve", *args], env=env)
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output

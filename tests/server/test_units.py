@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from PIL import Image, ImageFilter
 
-from server.assist import filter_answer, grounded, is_read_request, read_answer
 from server.cleanup import choose, repair_candidate, same_characters
 from server.errors import ApiError
+from server.grounding import filter_answer, grounded, is_read_request, read_answer
 from server.images import ImageLimits, decode_image, measure
 from server.ocr import OcrLine, reading_order, rows_of
 from server.settings import ServerSettings, is_loopback
