@@ -234,7 +234,7 @@ def image_calibration(
     samples = builtin_samples(nsamples, seed=seed)
     if hasattr(model, "build_conversation_input_ids"):
         return vlm_batches(model, samples, tokenizer=tokenizer), tokenizer
-    from .loading import load_processor
+    from models.loading import load_processor
 
     processor = load_processor(where)
     return vlm_batches(model, samples, processor=processor), processor

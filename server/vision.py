@@ -4,7 +4,7 @@ Why a seam: the embedded default (SmolLM2-135M) is text-only. It must not preten
 describer hands it only what the server can really extract: the text in the photo (offline OCR) and
 measured facts (size, brightness, contrast, sharpness). A vision-language checkpoint plugs in here
 with `VLMDescriber` (`can_see = True`): the context then carries the photo itself, which the planners
-(`assist.plan_vqa`, the chat route) put into the user message for the model to look at, and the routes
+(`assist.plan_vqa`, `assist.plan_chat`) put into the user message for the model to look at, and the routes
 do not change. The VLM still gets the OCR text and the measured facts: small VLMs misread print, and
 the quality warnings are said first whatever model answers.
 """

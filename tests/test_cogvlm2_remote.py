@@ -100,7 +100,8 @@ def test_cached_and_uncached_greedy_generation_agree(checkpoint):
 
 
 def test_engine_serves_the_remote_code_checkpoint(checkpoint):
-    from server.engine import Engine, GenParams
+    from models.inference import GenerationOptions
+    from server.engine import Engine
 
     engine = Engine(str(checkpoint), trust_remote_code=True)
     engine.load()
@@ -110,7 +111,7 @@ def test_engine_serves_the_remote_code_checkpoint(checkpoint):
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is it?"}]},
     ]
-    result = engine.generate(messages, GenParams(max_new_tokens=5), threading.Event())
+    result = engine.generate(messages, GenerationOptions(max_new_tokens=5), threading.Event())
     assert 1 <= result.completion_tokens <= 5
     assert result.prompt_tokens > models.cogvlm2.vision_token_count(engine.model.config)  # the image's positions
 

@@ -67,7 +67,8 @@ def test_qwen2_vl_processor_loads_without_torchvision():
 @pytest.mark.parametrize("family", SERVED)
 @pytest.mark.parametrize("which", ["int4", "full precision"])
 def test_engine_answers_with_the_photo(family, which):
-    from server.engine import Engine, GenParams
+    from models.inference import GenerationOptions
+    from server.engine import Engine
 
     ckpt = build(family)
     engine = Engine(str(ckpt.path if which == "int4" else ckpt.source))
@@ -78,13 +79,13 @@ def test_engine_answers_with_the_photo(family, which):
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is this?"}]},
     ]
-    result = engine.generate(messages, GenParams(max_new_tokens=6), threading.Event())
+    result = engine.generate(messages, GenerationOptions(max_new_tokens=6), threading.Event())
     assert isinstance(result.text, str) and 1 <= result.completion_tokens <= 6
     assert result.finish_reason in ("stop", "length")
     # The prompt holds the image's tokens: longer than the same conversation without the photo.
     text_only = [messages[0], {"role": "user", "content": "What is this?"}]
     assert (
-        result.prompt_tokens > engine.generate(text_only, GenParams(max_new_tokens=1), threading.Event()).prompt_tokens
+        result.prompt_tokens > engine.generate(text_only, GenerationOptions(max_new_tokens=1), threading.Event()).prompt_tokens
     )
 
 

@@ -43,8 +43,8 @@ def quantize(
             "quantize_config.json); the flags below override its fields"
         ),
     ] = None,
-    method: Annotated[Method | None, typer.Option(help="rtn, gptq (stage 1) or rpiq (stages 1 + 2, default)")] = None,
-    bits: Annotated[int | None, typer.Option(help="2, 3, 4 or 8 (default 4)")] = None,
+    method: Annotated[Method | None, typer.Option(help="rtn, gptq (stage 1) or rpiq (stages 1 + 2)")] = None,
+    bits: Annotated[int | None, typer.Option(help="2, 3, 4 or 8")] = None,
     group_size: Annotated[int | None, typer.Option(help="columns per scale/zero group; -1 = per channel")] = None,
     sym: Annotated[bool | None, typer.Option(help="symmetric grid")] = None,
     act_order: Annotated[bool | None, typer.Option(help="quantize columns by descending Hessian diagonal")] = None,
@@ -53,7 +53,7 @@ def quantize(
     percdamp: Annotated[float | None, typer.Option(help="Hessian damping, fraction of mean diagonal")] = None,
     rounds: Annotated[int | None, typer.Option(help="stage-2 Gauss-Seidel rounds (rpiq)")] = None,
     alpha: Annotated[float | None, typer.Option(help="stage-2 step size (rpiq)")] = None,
-    calib: Annotated[Calib | None, typer.Option(help="calibration mode (default sequential)")] = None,
+    calib: Annotated[Calib | None, typer.Option(help="calibration mode")] = None,
     instance_windows: Annotated[
         int | None, typer.Option(help="single-instance: calibration windows kept to drive stage 2")
     ] = None,
