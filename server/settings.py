@@ -11,11 +11,13 @@ import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.inference import DTypeName
 from models.int4 import KernelName
+
+from .cpus import usable_cpus
 
 LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
 
@@ -41,7 +43,14 @@ class ServerSettings(BaseSettings):
     device: str = Field("cpu", description="cpu or cuda[:N]")
     kernel: KernelName = Field("auto", description="int4 kernel for quantized checkpoints (models.int4)")
     dtype: DTypeName = Field("auto", description="activation dtype; auto: bfloat16 for int4, float32 otherwise")
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads; unset = torch's default")
+    threads: int = Field(
+        default_factory=usable_cpus, ge=1,
+        description="torch intra-op threads; default: the CPUs this process may use (affinity, cgroup quota)",
+    )  # fmt: skip
+    ocr_threads: int = Field(1, ge=1, description="onnxruntime threads of the OCR engine (beside torch's)")
+    perception_threads: int = Field(
+        1, ge=1, description="threads per perception model (RPIQ_PERCEPTION_THREADS, read by server.perception)"
+    )
     trust_remote_code: bool = Field(
         False, description="run modeling code shipped in the model directory (auto_map, e.g. CogVLM2); it executes it"
     )
@@ -50,6 +59,9 @@ class ServerSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     api_key: SecretStr | None = Field(None, description="required as 'Authorization: Bearer KEY' when set")
+    api_key_file: Path | None = Field(
+        None, description="read the API key from this file (keeps it out of `ps` and the environment)"
+    )
     allow_insecure_public: bool = Field(
         False, description="allow binding beyond loopback without an API key (a trusted LAN only)"
     )
@@ -65,6 +77,9 @@ class ServerSettings(BaseSettings):
     # --- input limits ---
     max_upload_bytes: int = Field(12 * 2**20, ge=1024, description="largest image upload")
     max_pixels: int = Field(40_000_000, ge=1, description="largest width x height (decompression bombs)")
+    max_image_side: int = Field(
+        4096, ge=256, description="photos are downscaled to this longest side (JPEGs while decoding: Image.draft)"
+    )
     image_formats: list[str] = Field(
         default_factory=lambda: ["JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "MPO"],
         description="accepted Pillow format names (MPO: what many phones' JPEGs are)",
@@ -103,6 +118,20 @@ class ServerSettings(BaseSettings):
     def _empty_key_is_none(cls, v: object) -> object:
         return None if v in ("", None) else v  # RPIQ_API_KEY= (empty) in an env file means "no key"
 
+    @model_validator(mode="after")
+    def _key_from_file(self) -> ServerSettings:
+        if self.api_key_file is not None:
+            if self.api_key is not None:
+                raise ValueError("give the API key either directly or as a file (api_key_file), not both")
+            try:
+                key = self.api_key_file.expanduser().read_text().strip()
+            except OSError as e:
+                raise ValueError(f"cannot read the API key file {self.api_key_file}: {e.strerror or e}") from None
+            if not key:
+                raise ValueError(f"the API key file {self.api_key_file} is empty")
+            self.api_key = SecretStr(key)
+        return self
+
     def requires_api_key(self) -> bool:
         return not is_loopback(self.host) and not self.allow_insecure_public
 
@@ -111,5 +140,5 @@ class ServerSettings(BaseSettings):
         if self.requires_api_key() and self.api_key is None:
             raise ValueError(
                 f"binding to {self.host!r} exposes the server beyond this machine: set an API key "
-                "(--api-key or RPIQ_API_KEY), or pass --allow-insecure-public for a trusted network"
+                "(--api-key-file, RPIQ_API_KEY_FILE or RPIQ_API_KEY), or pass --allow-insecure-public for a trusted network"
             )
