@@ -84,7 +84,7 @@ class RefineConfig(_Frozen):
     """Stage 2: multi-round Gauss-Seidel residual-projected block refinement (the RPIQ part).
 
     Defaults were chosen by `benchmarks/layer_loss.py` on the embedded model's real layers
-    (see README, "Choosing the stage-2 defaults").
+    (docs/results/history/2026-11-27-quantizer.md, "Choosing the stage-2 defaults").
     """
 
     rounds: int = Field(4, ge=0, description="maximum Gauss-Seidel sweeps over all blocks (R)")
@@ -132,14 +132,14 @@ class CalibrationConfig(_Frozen):
         ge=0.0,
         description="with compensation: ridge of the least-squares target "
         "W* = (W C + l W)(H + l I)^-1, l = this x mean(diag H); larger pulls the target towards W. "
-        "1.0 measured best of 0.01/0.1/1.0 on both real models (README, evidence report): with 0.01 the "
+        "1.0 measured best of 0.01/0.1/1.0 on both real models (docs/results/report.md): with 0.01 the "
         "target overfits the calibration tokens (Gemma-3-270M got worse than plain GPTQ)",
     )
     instance_windows: int = Field(
         4,
         ge=1,
         description="single-instance: calibration windows kept as the resident batch that drives stage 2 "
-        "(measured on the embedded model: 1 window overfits, 4 help; README)",
+        "(measured on the embedded model: 1 window overfits, 4 help; docs/results/history/2026-11-27-quantizer.md)",
     )
     instance_weight: float = Field(
         0.25,
@@ -147,7 +147,7 @@ class CalibrationConfig(_Frozen):
         le=1.0,
         description="single-instance: weight w of the kept batch's real output error in the "
         "stage-2 objective (1-w) tr(E H E^T) + w 2/n ||Y - Xq Wq^T||^2; 1 = the batch alone, 0 = Hessian only. "
-        "Chosen by measurement on the embedded model (README, single-instance)",
+        "Chosen by measurement on the embedded model (docs/results/history/2026-11-27-quantizer.md, single-instance)",
     )
     offload_hessians: bool = Field(
         False,

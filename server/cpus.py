@@ -36,3 +36,17 @@ def usable_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
     if limit is not None:
         n = min(n, math.ceil(limit))
     return max(1, n)
+
+
+PERCEPTION_THREADS_ENV = "RPIQ_PERCEPTION_THREADS"  # read by server.perception.runtime.thread_budget
+
+
+def apply_thread_budgets(torch_threads: int, perception_threads: int) -> None:
+    """Set once at start-up: torch's intra-op pool to `torch_threads`, and the perception models' budget
+    (unless the environment already chose one). OCR gets its own onnxruntime budget (`server.ocr`) and
+    espeak-ng synthesises on one thread, so the helpers never oversubscribe the CPUs torch decodes on."""
+    import torch
+
+    if torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
+    os.environ.setdefault(PERCEPTION_THREADS_ENV, str(perception_threads))

@@ -24,7 +24,9 @@ class Metrics:
             "rpiq_rejected", "requests refused with 503 because a lane was full", ["lane"], registry=r
         )
         self.timeouts = Counter("rpiq_timeouts", "requests that ran out of time", registry=r)
-        self.cancelled = Counter("rpiq_cancelled", "generations cancelled (client gone or timeout)", registry=r)
+        self.cancelled = Counter(
+            "rpiq_cancelled", "requests whose work was stopped early (client gone or timeout)", registry=r
+        )
         self.tokens = Counter("rpiq_generated_tokens", "tokens generated", registry=r)
         self.tokens_per_second = Gauge("rpiq_tokens_per_second", "decode speed of the last generation", registry=r)
         self.first_audio = Histogram(
@@ -32,6 +34,11 @@ class Metrics:
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.model_loaded = Gauge("rpiq_model_loaded", "1 once the model is ready", registry=r)
+
+    def timed_out(self) -> None:
+        """A request ran out of time: its work was stopped, so it counts as cancelled too."""
+        self.timeouts.inc()
+        self.cancelled.inc()
 
     def render(self, lanes: dict) -> bytes:
         for name, lane in lanes.items():

@@ -50,13 +50,14 @@ class RapidOcrEngine:
 
     name = "rapidocr"
 
-    def __init__(self, min_confidence: float = 0.5) -> None:
+    def __init__(self, min_confidence: float = 0.5, threads: int = 1) -> None:
         try:
             from rapidocr_onnxruntime import RapidOCR
         except ImportError as e:  # pragma: no cover - a dependency of the package
             raise OcrUnavailableError(f"rapidocr_onnxruntime is not installed: {e}") from e
         # det_box_thresh 0.3 (default 0.5): measured on a photographed page, 0.5 dropped a whole faint line.
-        self._ocr = RapidOCR(det_box_thresh=0.3)
+        # threads: onnxruntime's default is one per core, which would fight torch for the same CPUs.
+        self._ocr = RapidOCR(det_box_thresh=0.3, intra_op_num_threads=threads, inter_op_num_threads=1)
         self._lock = threading.Lock()  # one inference at a time: the lane is single-threaded anyway
         self.min_confidence = min_confidence
 
@@ -109,12 +110,13 @@ class TesseractEngine:
         return lines
 
 
-def make_engine(name: str) -> OcrEngine | None:
+def make_engine(name: str, threads: int = 1) -> OcrEngine | None:
+    """The OCR engine `name`; `threads` bounds rapidocr's onnxruntime sessions (tesseract runs as its own process)."""
     if name == "none":
         return None
     if name == "tesseract":
         return TesseractEngine()
-    return RapidOcrEngine()
+    return RapidOcrEngine(threads=threads)
 
 
 def reading_order(lines: list[OcrLine]) -> list[OcrLine]:

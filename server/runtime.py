@@ -16,6 +16,7 @@ from typing import TypeVar
 
 from fastapi import Request
 
+from .cpus import apply_thread_budgets
 from .engine import Engine
 from .errors import ApiError, ClientGone
 from .lanes import Cancelled, Lane, QueueFull
@@ -75,6 +76,7 @@ class Runtime:
 
     # --- start-up ----------------------------------------------------------------------------------
     def start_loading(self) -> None:
+        apply_thread_budgets(self.settings.threads, self.settings.perception_threads)
         self._loader = threading.Thread(target=self._load_all, name="rpiq-loader", daemon=True)
         self._loader.start()
 
@@ -82,7 +84,7 @@ class Runtime:
         try:
             # Speech and OCR initialise on their own lane threads (pyttsx3 must stay on one thread).
             speech = self.speech_lane.submit_sync(self.speech.warm_up)
-            ocr_engine = self.ocr_lane.submit_sync(make_engine, self.settings.ocr_engine)
+            ocr_engine = self.ocr_lane.submit_sync(make_engine, self.settings.ocr_engine, self.settings.ocr_threads)
             self.model_lane.submit_sync(self.engine.load).result()
             kind = "int4" if self.engine.quantized else "full precision"
             self.components["model"] = f"ready ({kind}, sees images)" if self.engine.can_see else f"ready ({kind})"
@@ -146,7 +148,7 @@ class Runtime:
             raise ApiError(503, "speech_unavailable", str(e)) from None
         except (TimeoutError, Cancelled):
             ctx.cancel.set()
-            self.metrics.timeouts.inc()
+            self.metrics.timed_out()
             raise ApiError(
                 504, "timeout", f"The request took longer than {ctx.timeout_s:g} s and was stopped."
             ) from None

@@ -113,7 +113,7 @@ class ServerSettings(BaseSettings):
     def _empty_is_default(cls, v: object) -> object:
         return None if v in ("", None) else str(Path(str(v)).expanduser())
 
-    @field_validator("api_key", mode="before")
+    @field_validator("api_key", "api_key_file", mode="before")
     @classmethod
     def _empty_key_is_none(cls, v: object) -> object:
         return None if v in ("", None) else v  # RPIQ_API_KEY= (empty) in an env file means "no key"

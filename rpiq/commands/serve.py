@@ -17,7 +17,12 @@ def serve(
     host: Annotated[str, typer.Option(help="address to bind; beyond loopback an API key is required")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     api_key: Annotated[
-        str | None, typer.Option(help="require 'Authorization: Bearer KEY' (env RPIQ_API_KEY)", envvar="RPIQ_API_KEY")
+        str | None,
+        typer.Option(help="require 'Authorization: Bearer KEY' (env RPIQ_API_KEY; visible in ps: prefer --api-key-file)",
+                     envvar="RPIQ_API_KEY"),
+    ] = None,
+    api_key_file: Annotated[
+        Path | None, typer.Option(help="read the API key from this file (env RPIQ_API_KEY_FILE)")
     ] = None,
     allow_insecure_public: Annotated[
         bool, typer.Option(help="bind beyond loopback without an API key (trusted networks only)")
@@ -29,7 +34,9 @@ def serve(
         str | None, typer.Option(help="int4 kernel for checkpoints: auto, tinygemm-cpu, tinygemm-cuda, dequant")
     ] = None,
     dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16, float16")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="torch threads; default: the CPUs this process may use (affinity, cgroup quota)")
+    ] = None,
     ocr: Annotated[str | None, typer.Option(help="OCR engine: rapidocr, tesseract or none")] = None,
     voice: Annotated[str | None, typer.Option(help="default espeak-ng voice or language")] = None,
     env_file: Annotated[
@@ -49,7 +56,7 @@ def serve(
     from server.settings import ServerSettings
 
     given = {
-        "model": checkpoint, "host": host, "port": port, "api_key": api_key,
+        "model": checkpoint, "host": host, "port": port, "api_key": api_key, "api_key_file": api_key_file,
         "allow_insecure_public": allow_insecure_public or None, "queue_size": queue_size,
         "request_timeout_s": timeout, "device": device, "kernel": kernel, "dtype": dtype, "threads": threads,
         "ocr_engine": ocr, "voice": voice, "trust_remote_code": trust_remote_code or None,
