@@ -1,10 +1,12 @@
-"""Serving benchmark: latency p50/p95 and throughput of /v1/vqa, /v1/read and /v1/speak at several
-numbers of concurrent clients against a real `rpiq serve` process, full precision vs int4, plus the
-time to first audio of a streamed, spoken answer.
+"""Serving benchmark: latency p50/p95 and throughput of /v1/vqa, /v1/scene, /v1/read and /v1/speak at
+several numbers of concurrent clients against a real `rpiq serve` process, full precision vs int4, plus
+the time to first audio of a streamed, spoken answer (on a sign, and "What is in front of me?" on a
+photo without text) and the perception stage (ms per photo and per stage, from /v1/scene).
 
     python benchmarks/serve.py                                   # embedded model, fp vs int4 (RTN, made once)
     python benchmarks/serve.py --concurrency 1,4,16 --requests 16 --variants fp,int4
     python benchmarks/serve.py --model DIR --int4 CKPT
+    python benchmarks/serve.py --variants fp --concurrency 1 --requests 1 --audio-runs 1   # a quick check
 
 Each variant runs in its own server process (queue 16, so 16 clients are never refused; a 503 or any
 non-200 counts as an error). JSON goes to benchmarks/results/serve.json.
@@ -35,6 +37,8 @@ SIGN = ["Fresh Milk", "Best before 12 May"]
 PARAGRAPH = ["Take two tablets every morning with water.", "Do not exceed the stated dose.",
              "Keep out of the reach of children."]  # fmt: skip
 SPEECH = "The next bus to the central station leaves in four minutes from stop B."
+PHOTO = REPO / "quantizer" / "calib_images" / "chelsea.jpg"  # a cat, no text: perception answers
+IN_FRONT = "What is in front of me?"
 
 
 def render(lines: list[str], size: int = 36) -> bytes:
@@ -130,14 +134,30 @@ async def load(url: str, endpoint: str, concurrency: int, total: int, payloads: 
     }  # fmt: skip
 
 
-async def first_audio(url: str, image: bytes, question: str, runs: int) -> dict:
+async def perception(url: str, image: bytes, runs: int) -> dict:
+    """Perception per photo, from /v1/scene's own timings: total and median per stage, in milliseconds."""
+    totals, stages, summary = [], {}, None
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+        for _ in range(runs):
+            r = await client.post("/v1/scene", files={"image": ("p.jpg", image, "image/jpeg")})
+            r.raise_for_status()
+            body = r.json()
+            totals.append(sum(body["perception_ms"].values()))
+            for stage, ms in body["perception_ms"].items():
+                stages.setdefault(stage, []).append(ms)
+            summary = body["summary"]
+    return {"runs": runs, "perception_ms_median": statistics.median(totals), "perception_ms_max": max(totals),
+            "stage_ms_median": {k: statistics.median(v) for k, v in stages.items()}, "summary": summary}  # fmt: skip
+
+
+async def first_audio(url: str, image: bytes, question: str, runs: int, mime: str = "image/png") -> dict:
     server_side, client_side, answers = [], [], []
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
         for _ in range(runs):
             t = time.perf_counter()
             got = None
             form = {"question": question, "stream": "true", "speak": "true", "max_tokens": "32"}
-            async with client.stream("POST", "/v1/vqa", files={"image": ("s.png", image, "image/png")}, data=form) as r:
+            async with client.stream("POST", "/v1/vqa", files={"image": ("p", image, mime)}, data=form) as r:
                 event = None
                 async for line in r.aiter_lines():
                     if line.startswith("event: "):
@@ -176,16 +196,17 @@ def main() -> None:
     ap.add_argument("--variants", default="fp,int4")
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--requests", type=int, default=16, help="requests per endpoint and concurrency level")
-    ap.add_argument("--endpoints", default="/v1/vqa,/v1/read,/v1/speak")
+    ap.add_argument("--endpoints", default="/v1/vqa,/v1/scene,/v1/read,/v1/speak")
     ap.add_argument("--audio-runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch threads in the server")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve.json"))
     args = ap.parse_args()
 
-    sign, page = render(SIGN, 40), render(PARAGRAPH, 34)
+    sign, page, photo = render(SIGN, 40), render(PARAGRAPH, 34), PHOTO.read_bytes()
     payloads = {
         "/v1/vqa": {"json": {"image": base64.b64encode(sign).decode(), "question": "Is it still good to drink?",
                              "max_tokens": 32}},
+        "/v1/scene": {"files": {"image": ("c.jpg", photo, "image/jpeg")}},
         "/v1/read": {"files": {"image": ("p.png", page, "image/png")}},
         "/v1/speak": {"json": {"text": SPEECH}},
     }  # fmt: skip
@@ -203,6 +224,7 @@ def main() -> None:
             # one warm-up request per endpoint (first OCR / generation pay one-time costs)
             asyncio.run(load(server.url, "/v1/vqa", 1, 1, payloads))
             asyncio.run(load(server.url, "/v1/read", 1, 1, payloads))
+            asyncio.run(load(server.url, "/v1/scene", 1, 1, payloads))  # loads the perception models
             for endpoint in args.endpoints.split(","):
                 for c in levels:
                     row = asyncio.run(load(server.url, endpoint, c, max(args.requests, c), payloads))
@@ -212,8 +234,13 @@ def main() -> None:
                           f"errors={row['errors']}", flush=True)  # fmt: skip
             audio = asyncio.run(first_audio(server.url, sign, "What does the label say?", args.audio_runs))
             audio_lm = asyncio.run(first_audio(server.url, sign, "Is it still good to drink?", args.audio_runs))
+            audio_seen = asyncio.run(first_audio(server.url, photo, IN_FRONT, args.audio_runs, "image/jpeg"))
+            sight = asyncio.run(perception(server.url, photo, args.audio_runs))
+            print(f"[{variant}] perception {sight['perception_ms_median']:.0f} ms per photo "
+                  f"{sight['stage_ms_median']}", flush=True)  # fmt: skip
             results["variants"][variant] = {"model": model, "ready": ready, "startup_s": time.perf_counter() - t,
-                                            "load": rows, "first_audio": [audio, audio_lm]}  # fmt: skip
+                                            "load": rows, "first_audio": [audio, audio_lm, audio_seen],
+                                            "perception": sight}  # fmt: skip
         finally:
             server.stop()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -234,6 +261,16 @@ def print_table(results: dict) -> None:
         for a in data["first_audio"]:
             med, mx = a["client_first_audio_median_s"], a["client_first_audio_max_s"]
             print(f"| {v} | {a['question']} | {med:.2f} / {mx:.2f} | {a['server_first_audio_median_s']:.2f} |")
+    print("\n| variant | perception ms per photo (median / max) | detect ms | classify ms | colour ms | codes ms |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for v, data in results["variants"].items():
+        p = data["perception"]
+        st = p["stage_ms_median"]
+        print(
+            f"| {v} | {p['perception_ms_median']:.0f} / {p['perception_ms_max']:.0f} | "
+            + " | ".join(f"{st.get(k, float('nan')):.0f}" for k in ("detect", "classify", "colour", "codes"))
+            + " |"
+        )
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ class Generation:
     seconds: float
     finish_reason: FinishReason  # stop: end of answer (EOS or a stop string); length: hit max_new_tokens
     first_token_s: float | None = None  # measured when text was streamed (`on_text`)
+    prompt_truncated: bool = False  # the prompt was cut to the model's prompt budget (`fit_prompt`)
 
     @property
     def finished(self) -> bool:
@@ -119,26 +120,64 @@ def chat_messages(prompt: str, system: str | None = None) -> list[Message]:
 def prompt_ids(
     tok: PreTrainedTokenizerBase, prompt: list[Message] | str, *, max_tokens: int | None = None
 ) -> torch.Tensor:
-    """[1, n] ids for `prompt`: a conversation (through the chat template, or as a plain ``Role: text``
-    transcript for a base model without one), or a str: raw text to continue.
+    """[1, n] ids for `prompt` (see `fit_prompt`, which also says whether it had to be cut)."""
+    return fit_prompt(tok, prompt, max_tokens=max_tokens)[0]
 
-    Image parts are dropped (a text-only model; VLMs go through `model_inputs`). Beyond `max_tokens`
-    the start is cut: the question and the template's tail are at the end.
+
+def _render(tok: PreTrainedTokenizerBase, messages: list[Message]) -> torch.Tensor:
+    if has_chat_template(tok):
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    else:
+        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
+    return tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+
+
+def _cut_middle(tok: PreTrainedTokenizerBase, text: str, excess: int) -> str:
+    """`text` less about `excess` tokens from its middle: its start and its end (often the question) stay."""
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    keep = max(0, len(ids) - excess - 8)  # 8: room for the marker and re-tokenisation drift
+    head, tail = keep // 2, keep - keep // 2
+    return f"{tok.decode(ids[:head])} [...] {tok.decode(ids[len(ids) - tail :]) if tail else ''}".strip()
+
+
+def fit_prompt(
+    tok: PreTrainedTokenizerBase, prompt: list[Message] | str, *, max_tokens: int | None = None
+) -> tuple[torch.Tensor, bool]:
+    """([1, n] ids, whether anything was cut) for `prompt`: a conversation (through the chat template,
+    or as a plain ``Role: text`` transcript for a base model without one), or a str: raw text to continue.
+
+    Image parts are dropped (a text-only model; VLMs go through `model_inputs`). A conversation longer
+    than `max_tokens` keeps its system prompt and its last message: the oldest other turns go first
+    (a user turn with the assistant's reply to it), then the longest remaining message loses its
+    middle. Raw text keeps its end.
     """
     from .vlm import flat_text
 
     if isinstance(prompt, str):
         ids = tok(prompt, return_tensors="pt")["input_ids"]
-    else:
-        messages = [{"role": m["role"], "content": flat_text(m["content"])} for m in prompt]
-        if has_chat_template(tok):
-            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        else:
-            text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
-        ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    if max_tokens is not None and ids.shape[1] > max_tokens:
-        ids = ids[:, -max_tokens:]
-    return ids
+        cut = max_tokens is not None and ids.shape[1] > max_tokens
+        return (ids[:, -max_tokens:], True) if cut else (ids, False)
+    messages = [{"role": m["role"], "content": flat_text(m["content"])} for m in prompt]
+    ids = _render(tok, messages)
+    if max_tokens is None or ids.shape[1] <= max_tokens:
+        return ids, False
+    while ids.shape[1] > max_tokens:
+        old = [i for i, m in enumerate(messages[:-1]) if m["role"] != "system"]
+        if not old:
+            break
+        del messages[old[0]]
+        if len(old) > 1 and messages[old[1] - 1]["role"] == "assistant" and old[1] - 1 < len(messages) - 1:
+            del messages[old[1] - 1]  # the reply to the dropped turn: a conversation starts with the user
+        ids = _render(tok, messages)
+    for _ in range(4):
+        if ids.shape[1] <= max_tokens:
+            break
+        others = [i for i, m in enumerate(messages) if m["role"] != "system"] or list(range(len(messages)))
+        longest = max(others, key=lambda i: len(messages[i]["content"]))
+        excess = ids.shape[1] - max_tokens
+        messages[longest] = {**messages[longest], "content": _cut_middle(tok, messages[longest]["content"], excess)}
+        ids = _render(tok, messages)
+    return ids[:, -max_tokens:], True  # the slice only acts if a template's own text is over the limit
 
 
 def model_inputs(
@@ -149,15 +188,28 @@ def model_inputs(
     processor: Any = None,
     max_tokens: int | None = None,
 ) -> dict[str, Any]:
-    """`generate`'s inputs for `prompt`, on the model's device. With a VLM's `processor` the photos
-    in the messages go in too (`models.vlm.chat_inputs`); such a prompt is never cut to `max_tokens`,
-    which could split an image's tokens."""
+    """`generate`'s inputs for `prompt`, on the model's device (see `fitted_inputs`)."""
+    return fitted_inputs(model, tok, prompt, processor=processor, max_tokens=max_tokens)[0]
+
+
+def fitted_inputs(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    prompt: list[Message] | str,
+    *,
+    processor: Any = None,
+    max_tokens: int | None = None,
+) -> tuple[dict[str, Any], bool]:
+    """(`generate`'s inputs, whether the prompt was cut to `max_tokens`). With a VLM's `processor` the
+    photos in the messages go in too (`models.vlm.chat_inputs`); such a prompt is never cut, which could
+    split an image's tokens."""
     if processor is not None and not isinstance(prompt, str):
         from .vlm import chat_inputs
 
-        return chat_inputs(model, processor, prompt)
-    ids = prompt_ids(tok, prompt, max_tokens=max_tokens).to(model.device)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        return chat_inputs(model, processor, prompt), False
+    ids, cut = fit_prompt(tok, prompt, max_tokens=max_tokens)
+    ids = ids.to(model.device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, cut
 
 
 def eos_ids(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> list[int]:

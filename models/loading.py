@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -62,14 +62,59 @@ def load_fp_model(
     try:
         remote = {"local_files_only": True, "trust_remote_code": trust_remote_code}
         tok = AutoTokenizer.from_pretrained(where, **remote)
-        cls = model_class(AutoConfig.from_pretrained(where, **remote))
-        m = cls.from_pretrained(where, dtype=DTYPES[dtype], **remote)
+        config = AutoConfig.from_pretrained(where, **remote)
+        cls = model_class(config)
+        check_config_type(where, config, cls)
+        m, info = cls.from_pretrained(where, dtype=DTYPES[dtype], output_loading_info=True, **remote)
     except OSError as e:
         raise ModelLoadError(
             f"cannot load model {model!r} offline: pass a local directory saved by save_pretrained "
             f"(rpiq never downloads from a model hub). Details: {e}"
         ) from e
+    check_loading_info(where, m, info)
     return m.eval(), tok, where
+
+
+def check_config_type(where: Path | str, config: PretrainedConfig, cls: Any) -> None:
+    """config.json's ``model_type`` must be the one of the class its ``architectures`` names: transformers
+    only warns when they differ, and the model would then be built from a half-understood config."""
+    expected = getattr(getattr(cls, "config_class", None), "model_type", "")
+    if expected and config.model_type and config.model_type != expected:
+        raise ModelLoadError(
+            f"{where}: config.json says model_type {config.model_type!r}, but its architecture "
+            f"{cls.__name__} is a {expected!r} model; the config does not describe these weights"
+        )
+
+
+def _listed(keys: Any, n: int = 10) -> str:
+    keys = sorted(str(k) for k in keys)
+    return f"{keys[:n]}{f' (+{len(keys) - n} more)' if len(keys) > n else ''}"
+
+
+def _tied_names(model: torch.nn.Module, missing: set[str]) -> set[str]:
+    """Parameters absent from the file because they share storage with one that was loaded (tied weights)."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(p.data_ptr(), []).append(name)
+    return {n for names in groups.values() if len(names) > 1 and set(names) - missing for n in names}
+
+
+def check_loading_info(where: Path | str, model: torch.nn.Module, info: dict[str, Any]) -> None:
+    """Refuse weights that do not fit the model: missing tensors would stay random, unexpected ones are
+    ignored, mismatched ones re-initialised, and transformers only logs it. Tied weights are fine."""
+    missing = set(info.get("missing_keys") or ())
+    missing -= _tied_names(model, missing)
+    problems = {
+        "missing": missing,
+        "unexpected": set(info.get("unexpected_keys") or ()),
+        "mismatched": {k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys") or ()},
+    }
+    found = [f"{kind} {_listed(keys)}" for kind, keys in problems.items() if keys]
+    found += [str(e) for e in (info.get("error_msgs") or ())[:3]]
+    if found:
+        raise ModelLoadError(
+            f"{where}: the weights do not match the {type(model).__name__} built from config.json: " + "; ".join(found)
+        )
 
 
 def load_processor(where: Path | str) -> Any:

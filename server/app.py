@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import install_handlers
-from .routers import chat, health, models, read, speak, ui, vqa
+from .routers import chat, health, models, read, scene, speak, ui, vqa
 from .runtime import Runtime
 from .settings import ServerSettings
 
@@ -55,6 +55,32 @@ class MetricsMiddleware:
             m.latency.labels(label).observe(time.perf_counter() - t0)
 
 
+def mount_docs(app: FastAPI) -> None:
+    """/docs with Swagger UI served from the swagger-ui-bundle wheel: FastAPI's default page loads its
+    JS and CSS from a CDN and stays blank on an offline device. ReDoc is CDN-only, so it is not offered."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.responses import HTMLResponse
+    from fastapi.staticfiles import StaticFiles
+
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:  # pragma: no cover - a declared dependency; a plain page rather than a blank one
+        swagger_ui_path = None
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        if swagger_ui_path is None:
+            return HTMLResponse('<!doctype html><title>rpiq API</title><p>The API schema is at '
+                                '<a href="/openapi.json">/openapi.json</a>.</p>')  # fmt: skip
+        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} - docs",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")  # fmt: skip
+
+    if swagger_ui_path is not None:
+        app.mount("/docs-assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+
 def create_app(settings: ServerSettings | None = None, runtime: Runtime | None = None) -> FastAPI:
     settings = settings or ServerSettings()
     rt = runtime or Runtime(settings)
@@ -65,10 +91,12 @@ def create_app(settings: ServerSettings | None = None, runtime: Runtime | None =
         yield
         rt.shutdown()
 
-    app = FastAPI(title="rpiq assistive server", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="rpiq assistive server", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)  # fmt: skip
     app.state.rt = rt
+    mount_docs(app)
     install_handlers(app)
-    for r in (health.router, models.router, vqa.router, read.router, speak.router, chat.router):
+    for r in (health.router, models.router, vqa.router, scene.router, read.router, speak.router, chat.router):
         app.include_router(r)
     ui.mount(app)  # the accessible web page at / (and /static/), open without an API key
     app.add_middleware(MetricsMiddleware, rt=rt)

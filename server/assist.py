@@ -3,9 +3,11 @@ the two planners (a photo question, an OpenAI conversation) and running a plan t
 
 Honesty rules, enforced in code rather than hoped for from a 135M-parameter model:
 * quality problems (dark, blurry, no contrast) are measured and said first, before any model text;
-* a model that cannot see, given a photo without readable text, is not asked at all: the answer says
-  plainly that it cannot see the picture and found no text, instead of letting the model make one up;
-* its answers keep only sentences grounded in the text it was given (`grounding.py`).
+* a model that cannot see is not asked what the measured facts answer by themselves ("what is in
+  front of me?", "is there a person?", "what colour is it?": `perception.answer_from_facts`), nor
+  about a photo in which nothing was read or detected with confidence: the facts' own summary says so;
+* otherwise it gets the facts and the OCR text as labelled data, and its answers keep only sentences
+  grounded in them (`grounding.py`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from models.inference import Generation, GenerationOptions, Message
 from .errors import ApiError
 from .grounding import GroundedSentences, filter_answer, is_read_request, read_answer
 from .images import ImageLimits, decode_image
+from .perception import Scene
 from .prompts import CANNOT_SEE, NO_TEXT, default_max_tokens, system_prompt
 from .runtime import RequestCtx, Runtime
 from .schemas import ChatRequest, ImagePart, TextPart
@@ -41,6 +44,22 @@ def limits(rt: Runtime) -> ImageLimits:
 async def load_image(rt: Runtime, data: bytes) -> Image.Image:
     """Decode off the event loop (a 12 MB JPEG takes a while), with all the upload limits."""
     return await asyncio.to_thread(decode_image, data, limits(rt))
+
+
+async def describe(rt: Runtime, ctx: RequestCtx, image: Image.Image) -> ImageContext:
+    """The describer's context for one photo (OCR and perception, once), its stage timings recorded."""
+    context = await rt.describer.describe(image, cancel=ctx.cancel, timeout=ctx.remaining())
+    if context.scene is not None:
+        rt.metrics.observe_perception(context.scene.timings_ms)
+    return context
+
+
+def spoken_description(context: ImageContext) -> str:
+    """The facts said as one paragraph: what was detected, then the text read, if any."""
+    read = read_answer(context.text) if context.text else ""
+    if context.scene is None:
+        return read or f"{CANNOT_SEE} {NO_TEXT}"
+    return f"{context.scene.summary()} {read}".strip()
 
 
 def check_max_tokens(rt: Runtime, requested: int | None, length: str) -> int:
@@ -77,24 +96,40 @@ class Plan:
     fixed_answer: str | None = None
     messages: list[Message] | None = None
     options: GenerationOptions | None = None
-    grounding: tuple[str, str, bool] | None = None
+    grounding: tuple[str, str, bool, Scene | None] | None = None
     context: ImageContext | None = None  # /v1/vqa's photo
 
     def sentences(self) -> GroundedSentences | None:
         return GroundedSentences(*self.grounding) if self.grounding is not None else None
 
 
+def fixed_answer(context: ImageContext, question: str) -> str | None:
+    """For a model that cannot see: the answer the OCR text and the measured facts give by themselves,
+    or None when the model should answer (with the facts)."""
+    text, scene = context.text, context.scene
+    if text and is_read_request(question):
+        return read_answer(text)  # read verbatim: the text is data, never the model's to rephrase
+    if scene is None:  # perception off or failed: only the text is known
+        return None if text else f"{CANNOT_SEE} {NO_TEXT}"
+    direct = scene.answer(question)
+    if direct is not None:
+        return spoken_description(context) if direct == scene.summary() else direct
+    if not text and is_read_request(question):
+        return f"{NO_TEXT} {scene.summary()}"
+    if not text and not context.detected_anything:
+        return scene.summary()  # nothing detected with confidence: said plainly, nothing for a model to embroider
+    return None
+
+
 def plan_vqa(rt: Runtime, context: ImageContext, question: str, *, length: str, language: str, max_tokens: int) -> Plan:
     preface = " ".join(context.facts.sentences())
-    if not context.can_see and not context.text:
-        return Plan(preface, f"{CANNOT_SEE} {NO_TEXT}", context=context)
-    if not context.can_see and is_read_request(question):
-        return Plan(preface, read_answer(context.text), context=context)
+    if not context.can_see and (fixed := fixed_answer(context, question)) is not None:
+        return Plan(preface, fixed, context=context)
     messages = [
         {"role": "system", "content": system_prompt(length, language)},
         {"role": "user", "content": context.message_content(f"{context.prompt_block()}\n\nQuestion: {question}")},
     ]
-    grounding = (context.text, question, rt.settings.grounding_filter and not context.can_see)
+    grounding = (context.text, question, rt.settings.grounding_filter and not context.can_see, context.scene)
     return Plan(preface, None, messages, options(max_tokens), grounding, context)
 
 
@@ -119,7 +154,7 @@ async def plan_chat(rt: Runtime, ctx: RequestCtx, req: ChatRequest, max_tokens: 
                     if n_images > MAX_IMAGES:
                         raise ApiError(422, "too_many_images", f"At most {MAX_IMAGES} images per request.")
                     image = await load_image(rt, decode_base64_image(part.image_url.url))
-                    context = await rt.describer.describe(image, cancel=ctx.cancel, timeout=ctx.remaining())
+                    context = await describe(rt, ctx, image)
                     images_here.append(context)
                     parts.append(f"[Photo {n_images}]\n{context.prompt_block()}")
                     if context.can_see and context.image is not None:
@@ -134,13 +169,14 @@ async def plan_chat(rt: Runtime, ctx: RequestCtx, req: ChatRequest, max_tokens: 
     if not messages or messages[-1]["role"] != "user":
         raise ApiError(422, "invalid_request", "The last message must come from the user.")
     preface = " ".join(s for c in last_user_images for s in c.facts.sentences())
-    if last_user_images and not any(c.can_see or c.text for c in last_user_images):
-        return Plan(preface, f"{CANNOT_SEE} {NO_TEXT}")
+    if last_user_images and not any(c.can_see or c.text or c.detected_anything for c in last_user_images):
+        return Plan(preface, " ".join(spoken_description(c) for c in last_user_images))
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     grounding = None
     if last_user_images and rt.settings.grounding_filter and not any(c.can_see for c in last_user_images):
         question = " ".join(p.text for p in req.messages[-1].content if isinstance(p, TextPart))
-        grounding = ("\n".join(c.text for c in last_user_images), question, True)
+        scene = last_user_images[0].scene if len(last_user_images) == 1 else None
+        grounding = ("\n".join(c.text for c in last_user_images), question, True, scene)
     opts = options(max_tokens, req.temperature or 0.0, req.top_p or 1.0, stop)
     return Plan(preface, None, [{"role": "system", "content": "\n\n".join(system)}, *messages], opts, grounding)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from models.inference import DTypeName, Generation, GenerationOptions, Message, generate, model_inputs
+from models.inference import DTypeName, Generation, GenerationOptions, Message, fitted_inputs, generate
 from models.int4 import KernelName
 
 log = logging.getLogger("rpiq.server")
@@ -111,14 +111,17 @@ class Engine:
     ) -> Generation:
         """Answer `messages` (photos included for a VLM); stops early once `cancel` is set or `deadline`
         (time.monotonic) has passed, with finish reason "cancelled"."""
+
         def should_stop() -> bool:
             if self.token_delay_s:
                 time.sleep(self.token_delay_s)
             return cancel.is_set() or (deadline is not None and time.monotonic() > deadline)
 
-        inputs = model_inputs(self.model, self.tokenizer, messages, processor=self.processor if self.can_see else None,
-                              max_tokens=self.max_prompt_tokens)  # fmt: skip
-        return generate(self.model, self.tokenizer, inputs, options, on_text=on_text, should_stop=should_stop)
+        inputs, cut = fitted_inputs(self.model, self.tokenizer, messages, max_tokens=self.max_prompt_tokens,
+                                    processor=self.processor if self.can_see else None)  # fmt: skip
+        result = generate(self.model, self.tokenizer, inputs, options, on_text=on_text, should_stop=should_stop)
+        result.prompt_truncated = cut
+        return result
 
     def score(self, texts: list[str], prefix: str = "Text read from a photo:\n") -> list[float]:
         """Log-likelihood (sum over tokens, natural log) of each text after `prefix`: for choosing OCR readings."""

@@ -12,6 +12,8 @@ photo, and they let any model tell a blind user to retake a photo instead of gue
 from __future__ import annotations
 
 import io
+import math
+import re
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -30,25 +32,34 @@ BLURRY_BELOW = 30.0  # variance of the Laplacian at 512 px long side
 @dataclass(frozen=True)
 class ImageLimits:
     max_bytes: int
-    max_pixels: int
+    max_pixels: int  # decoded width x height; a JPEG counts at its reduced decoding size
     formats: tuple[str, ...]
+    max_side: int = 4096  # the longest side kept: larger photos are downscaled (JPEGs while decoding)
+
+
+DRAFT_FORMATS = ("JPEG", "MPO")  # libjpeg decodes these at 1/2, 1/4 or 1/8 scale for almost nothing
+_METADATA_TOO_LARGE = re.compile(r"MAX_TEXT|too much memory|too large", re.I)  # Pillow's chunk-limit ValueErrors
 
 
 def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
-    """Bytes from the network -> an upright RGB image, or an `ApiError` saying exactly what is wrong."""
+    """Bytes from the network -> an upright RGB image no larger than `limits.max_side`, or an `ApiError`
+    (always 4xx) saying exactly what is wrong: every decoder failure is the upload's fault."""
     if not data:
         raise ApiError(400, "empty_image", "The image upload is empty.")
     if len(data) > limits.max_bytes:
         raise ApiError(413, "image_too_large", f"The image is {len(data)} bytes; the limit is {limits.max_bytes}.")
     try:
-        # open() reads only the header: size and format are known before any pixel is decoded.
-        img = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise ApiError(400, "not_an_image", "The upload is not an image Pillow can recognise.") from None
-    except Image.DecompressionBombError:
-        raise ApiError(413, "too_many_pixels", f"The image has more than {limits.max_pixels} pixels.") from None
-    except OSError as e:
-        raise ApiError(400, "corrupt_image", f"The image could not be read: {e}") from None
+        return _decode(data, limits)
+    except ApiError:
+        raise
+    except Exception as e:  # a hostile file can make a decoder raise anything
+        raise _decoder_error(e, limits) from None
+
+
+def _decode(data: bytes, limits: ImageLimits) -> Image.Image:
+    # open() reads only the header (and metadata chunks before the pixels): size and format are known
+    # before any pixel is decoded.
+    img = Image.open(io.BytesIO(data))
     if img.format not in limits.formats:
         raise ApiError(
             415,
@@ -56,18 +67,33 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
             f"{img.format} images are not accepted; use one of {', '.join(limits.formats)}.",
         )
     w, h = img.size
-    if w * h > limits.max_pixels:
-        raise ApiError(413, "too_many_pixels", f"The image is {w}x{h} pixels; the limit is {limits.max_pixels} pixels.")
     if w < 1 or h < 1:
         raise ApiError(400, "corrupt_image", "The image has no pixels.")
-    try:
-        img.load()
-    except Image.DecompressionBombError:
-        raise ApiError(413, "too_many_pixels", f"The image has more than {limits.max_pixels} pixels.") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ApiError(400, "corrupt_image", f"The image is truncated or corrupt: {e}") from None
-    img = ImageOps.exif_transpose(img)  # phones store portrait photos sideways plus an orientation tag
-    return to_rgb(img)
+    if img.format in DRAFT_FORMATS and max(w, h) > limits.max_side:
+        # Decode a big photo at a reduced scale (longest side still >= max_side / 2): a 48 MP phone photo
+        # costs a quarter of its pixels in memory and time, and nothing the OCR or the models could use.
+        scale = limits.max_side / 2 / max(w, h)
+        img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
+    dw, dh = img.size  # after draft(): the size that will be decoded
+    if dw * dh > limits.max_pixels:
+        raise ApiError(413, "too_many_pixels", f"The image is {w}x{h} pixels; the limit is {limits.max_pixels} pixels.")
+    img.load()
+    img = to_rgb(ImageOps.exif_transpose(img))  # phones store portrait photos sideways plus an orientation tag
+    if max(img.size) > limits.max_side:
+        img.thumbnail((limits.max_side, limits.max_side), Image.BILINEAR)
+    return img
+
+
+def _decoder_error(e: Exception, limits: ImageLimits) -> ApiError:
+    """The 4xx for an exception Pillow raised while reading an upload."""
+    if isinstance(e, UnidentifiedImageError):
+        return ApiError(400, "not_an_image", "The upload is not an image Pillow can recognise.")
+    if isinstance(e, (Image.DecompressionBombError, MemoryError)):
+        return ApiError(413, "too_many_pixels", f"The image has more than {limits.max_pixels} pixels.")
+    if isinstance(e, ValueError) and _METADATA_TOO_LARGE.search(str(e)):
+        return ApiError(413, "image_metadata_too_large",
+                        f"The image carries oversized metadata (text, ICC or EXIF chunks): {e}")  # fmt: skip
+    return ApiError(400, "corrupt_image", f"The image is truncated or corrupt: {type(e).__name__}: {e}")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

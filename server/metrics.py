@@ -1,4 +1,5 @@
-"""Prometheus metrics: request counts and latencies per route, queue depth per lane, tokens/s, first audio.
+"""Prometheus metrics: request counts and latencies per route, queue depth per lane, tokens/s, first audio,
+perception stage timings.
 
 A registry per app (not the process-global default) so several apps in one test process do not
 collide. Labels use the route template (``/v1/vqa``), never anything the user sent.
@@ -9,6 +10,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
+STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5)  # perception stages take milliseconds
 
 
 class Metrics:
@@ -33,12 +35,21 @@ class Metrics:
             "rpiq_time_to_first_audio_seconds", "request start to first audio chunk (streaming)",
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
+        self.perception = Histogram(
+            "rpiq_perception_seconds", "time per perception stage (detect, pose, classify, colour, light, codes)",
+            ["stage"], buckets=STAGE_BUCKETS, registry=r,
+        )  # fmt: skip
         self.model_loaded = Gauge("rpiq_model_loaded", "1 once the model is ready", registry=r)
 
     def timed_out(self) -> None:
         """A request ran out of time: its work was stopped, so it counts as cancelled too."""
         self.timeouts.inc()
         self.cancelled.inc()
+
+    def observe_perception(self, timings_ms: dict[str, float]) -> None:
+        """One photo's perception stage timings (milliseconds, as `Scene.timings_ms` holds them)."""
+        for stage, ms in timings_ms.items():
+            self.perception.labels(stage).observe(ms / 1000.0)
 
     def render(self, lanes: dict) -> bytes:
         for name, lane in lanes.items():

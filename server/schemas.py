@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .perception.facts import Code, Colour, DetectedObject, Label, Light, Person
+
 LANG_PATTERN = r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*$"
 
 
@@ -84,6 +86,37 @@ class ReadResponse(BaseModel):
     timings: dict[str, float]
     model: str
     image: ImageInfo
+
+
+class SceneOptions(SpeechOptions):
+    """Fields of /v1/scene (multipart form fields or JSON keys)."""
+
+    speak: bool = Field(False, description="also return the summary spoken (base64 WAV in `audio`)")
+    timeout_s: float | None = Field(None, gt=0, description="give up after this long (capped by the server)")
+
+
+class SceneJson(SceneOptions):
+    image: str = Field(..., description="base64 image or data: URI")
+
+
+class SceneResponse(BaseModel):
+    """What the perception nets and OCR measured in a photo, and one spoken paragraph of it."""
+
+    summary: str = Field(description="one paragraph for a screen reader: quality warnings, objects and where, text")
+    objects: list[DetectedObject] = Field(description="detected objects, strongest first (boxes are 0..1 fractions)")
+    people: list[Person]
+    labels: list[Label] = Field(description="whole-photo guesses, said as 'it looks like'")
+    colours: list[Colour] = Field(description="dominant colours of the whole photo")
+    centre_colours: list[Colour]
+    light: Light | None = None
+    codes: list[Code] = Field(description="QR codes and barcodes, decoded")
+    blank: bool = Field(description="too small or too flat for the nets: nothing was detected by design")
+    text: str = Field("", description="the text in the photo, read by OCR, in reading order")
+    image: ImageInfo
+    perception_ms: dict[str, float] = Field(description="milliseconds per perception stage (detect, pose, ...)")
+    errors: dict[str, str] = Field(default_factory=dict, description="perception stage -> why it reported nothing")
+    timings: dict[str, float] = Field(description="seconds: decode_s, ocr_s, perception_s, speech_s, total_s")
+    audio: AudioOut | None = None
 
 
 class SpeakRequest(SpeechOptions):

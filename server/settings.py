@@ -44,8 +44,9 @@ class ServerSettings(BaseSettings):
     kernel: KernelName = Field("auto", description="int4 kernel for quantized checkpoints (models.int4)")
     dtype: DTypeName = Field("auto", description="activation dtype; auto: bfloat16 for int4, float32 otherwise")
     threads: int = Field(
-        default_factory=usable_cpus, ge=1,
-        description="torch intra-op threads; default: the CPUs this process may use (affinity, cgroup quota)",
+        default_factory=lambda: usable_cpus(), ge=1,  # looked up per call: tests patch it
+        description="torch intra-op threads; default: the CPUs this process may use (affinity, cgroup quota); "
+        "on CPUs shared with other busy work 1 answers faster (benchmarks/busy_cpu.py)",
     )  # fmt: skip
     ocr_threads: int = Field(1, ge=1, description="onnxruntime threads of the OCR engine (beside torch's)")
     perception_threads: int = Field(
@@ -140,5 +141,6 @@ class ServerSettings(BaseSettings):
         if self.requires_api_key() and self.api_key is None:
             raise ValueError(
                 f"binding to {self.host!r} exposes the server beyond this machine: set an API key "
-                "(--api-key-file, RPIQ_API_KEY_FILE or RPIQ_API_KEY), or pass --allow-insecure-public for a trusted network"
+                "(--api-key-file, RPIQ_API_KEY_FILE or RPIQ_API_KEY), "
+                "or pass --allow-insecure-public for a trusted network"
             )

@@ -90,7 +90,8 @@ def load_quantized(
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
-    from models.architectures import from_config
+    from models.architectures import from_config, model_class
+    from models.loading import ModelLoadError, check_config_type
 
     path = Path(path)
     device = torch.device(device)
@@ -103,6 +104,10 @@ def load_quantized(
         raise CheckpointError(f"{path / 'config.json'}: not a usable transformers config{hint} ({e})") from e
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # we are the GPTQ backend; transformers must not look for one
+    try:
+        check_config_type(path, config, model_class(config))  # a model_type that contradicts the architecture
+    except ModelLoadError as e:
+        raise CheckpointError(str(e)) from None
     with init_empty_weights():
         model = from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)  # the VLM class for VLMs
 

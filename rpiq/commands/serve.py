@@ -18,8 +18,10 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     api_key: Annotated[
         str | None,
-        typer.Option(help="require 'Authorization: Bearer KEY' (env RPIQ_API_KEY; visible in ps: prefer --api-key-file)",
-                     envvar="RPIQ_API_KEY"),
+        typer.Option(
+            help="require 'Authorization: Bearer KEY' (env RPIQ_API_KEY); shows in ps: prefer --api-key-file",
+            envvar="RPIQ_API_KEY",
+        ),
     ] = None,
     api_key_file: Annotated[
         Path | None, typer.Option(help="read the API key from this file (env RPIQ_API_KEY_FILE)")

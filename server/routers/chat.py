@@ -37,14 +37,27 @@ def _finish(result: Generation | None) -> str:
     return "length" if result is not None and result.finish_reason in ("length", "cancelled") else "stop"
 
 
+TRUNCATED_HEADER = "X-Rpiq-Prompt-Truncated"
+OK_RESPONSE = {
+    "content": {"text/event-stream": {}},
+    "description": "chat.completion, or SSE chunks. A conversation longer than the model's prompt budget "
+    "(RPIQ_MAX_PROMPT_TOKENS) keeps its system prompt and last message and drops the oldest turns (then the "
+    f"middle of the longest message); the answer then carries `{TRUNCATED_HEADER}: true`, and in a stream the "
+    'finish chunk carries `"prompt_truncated": true` (an rpiq extension).',
+    "headers": {TRUNCATED_HEADER: {"description": "true when the prompt was cut to fit", "schema": {"type": "string"}}},
+}
+
+
 @router.post(
     "/v1/chat/completions",
     response_model=ChatCompletion,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "chat.completion, or SSE chunks"}, **ERRORS},
+    responses={200: OK_RESPONSE, **ERRORS},
     dependencies=[Depends(require_json)],
     summary="OpenAI-compatible chat; images as data: URIs",
 )
-async def chat_completions(req: ChatRequest, rt: RuntimeDep, request: Request) -> Response | ChatCompletion:
+async def chat_completions(
+    req: ChatRequest, rt: RuntimeDep, request: Request, response: Response
+) -> Response | ChatCompletion:
     length = req.length or rt.settings.answer_length
     max_tokens = check_max_tokens(rt, req.max_completion_tokens or req.max_tokens, length)
     ctx = rt.context(None)
@@ -62,6 +75,8 @@ async def chat_completions(req: ChatRequest, rt: RuntimeDep, request: Request) -
 
     text, result = await rt.guard(request, ctx, work())
     n_prompt, n_completion = (result.prompt_tokens, result.completion_tokens) if result else (0, 0)
+    if result is not None and result.prompt_truncated:
+        response.headers[TRUNCATED_HEADER] = "true"
     return ChatCompletion(
         id=cid, created=created, model=rt.engine.name,
         choices=[{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": _finish(result)}],
@@ -86,7 +101,10 @@ async def _events(
         elif isinstance(chunk, Failed):
             yield sse(None, {"error": {"code": chunk.code, "message": chunk.message}})
         elif isinstance(chunk, Done):
-            yield sse(None, _chunk(cid, created, model, {}, _finish(chunk.result)))
+            finish = _chunk(cid, created, model, {}, _finish(chunk.result))
+            if chunk.result is not None and chunk.result.prompt_truncated:
+                finish["prompt_truncated"] = True
+            yield sse(None, finish)
             if include_usage:
                 r = chunk.result
                 counts = usage(r.prompt_tokens, r.completion_tokens) if r else usage(0, 0)

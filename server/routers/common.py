@@ -1,7 +1,9 @@
-"""What the route modules share: the documented error responses, the image-route request body, WAV replies, voices."""
+"""What the route modules share: the documented error responses, the image-route request body, WAV replies,
+voices, timed speech."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 from urllib.parse import quote
@@ -12,8 +14,10 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
 from ..errors import ApiError
-from ..runtime import Runtime
+from ..runtime import RequestCtx, Runtime
+from ..schemas import SpeechOptions
 from ..settings import ServerSettings
+from ..speech import Audio
 from ..uploads import read_body
 
 ERRORS = {
@@ -62,6 +66,21 @@ def wav_response(wav: bytes, text: str | None = None, extra: dict[str, str] | No
     if text is not None:
         headers["X-Rpiq-Text"] = quote(text[:2000])  # percent-encoded: headers are latin-1 only
     return Response(content=wav, media_type="audio/wav", headers=headers)
+
+
+def rounded(timings: dict) -> dict[str, float]:
+    return {k: round(float(v), 4) for k, v in timings.items()}
+
+
+async def speak_timed(
+    rt: Runtime, ctx: RequestCtx, text: str, opts: SpeechOptions, timings: dict, voice: str | None = None
+) -> Audio:
+    """`text` spoken with the request's voice (or `voice`), rate and volume; its time goes into `timings`."""
+    t0 = time.perf_counter()
+    audio = await rt.speech.speak(text, rate=opts.rate, voice=voice or opts.voice, volume=opts.volume,
+                                  cancel=ctx.cancel, timeout=ctx.remaining())  # fmt: skip
+    timings["speech_s"] = time.perf_counter() - t0
+    return audio
 
 
 def pick_voice(rt: Runtime, voice: str | None, language: str | None) -> str | None:

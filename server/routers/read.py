@@ -14,7 +14,7 @@ from ..images import measure
 from ..prompts import NO_TEXT
 from ..schemas import ReadJson, ReadOptions, ReadResponse
 from ..uploads import parse_image_request
-from .common import ERRORS, image_body, wav_response
+from .common import ERRORS, image_body, rounded, speak_timed, wav_response
 
 router = APIRouter(tags=["assist"], dependencies=[Depends(require_api_key), Depends(require_ready)])
 
@@ -42,11 +42,8 @@ async def read(request: Request, rt: RuntimeDep, as_wav: AcceptsWav) -> Response
         timings.update(reading.timings)
         audio = None
         if opts.speak or as_wav:
-            t1 = time.perf_counter()
             spoken = " ".join([*facts.sentences(), reading.text.replace("\n", ". ") if reading.text else NO_TEXT])
-            audio = await rt.speech.speak(spoken, rate=opts.rate, voice=opts.voice, volume=opts.volume,
-                                          cancel=ctx.cancel, timeout=ctx.remaining())  # fmt: skip
-            timings["speech_s"] = time.perf_counter() - t1
+            audio = await speak_timed(rt, ctx, spoken, opts, timings)
         timings["total_s"] = ctx.elapsed()
         return {"reading": reading, "facts": facts, "audio": audio, "timings": timings}
 
@@ -60,7 +57,7 @@ async def read(request: Request, rt: RuntimeDep, as_wav: AcceptsWav) -> Response
         engine=reading.engine,
         cleaned=reading.cleaned,
         audio=audio_json(audio) if audio else None,
-        timings={k: round(v, 4) for k, v in out["timings"].items()},
+        timings=rounded(out["timings"]),
         model=rt.engine.name,
         image=out["facts"].as_dict(),
     )

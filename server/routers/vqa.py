@@ -11,21 +11,17 @@ from functools import partial
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from ..assist import Plan, answer, audio_json, check_max_tokens, load_image, plan_vqa
+from ..assist import Plan, answer, audio_json, check_max_tokens, describe, load_image, plan_vqa
 from ..deps import AcceptsWav, RuntimeDep, require_api_key, require_ready
 from ..runtime import RequestCtx, Runtime
 from ..schemas import VqaJson, VqaOptions, VqaResponse
 from ..speech import Audio
 from ..streaming import AnswerStream, Chunk, Failed, Spoken, Text, sse, sse_response
 from ..uploads import parse_image_request
-from .common import ERRORS, image_body, pick_voice, wav_response
+from .common import ERRORS, image_body, pick_voice, rounded, speak_timed, wav_response
 
 router = APIRouter(tags=["assist"], dependencies=[Depends(require_api_key), Depends(require_ready)])
 log = logging.getLogger("rpiq.server")
-
-
-def _rounded(timings: dict) -> dict[str, float]:
-    return {k: round(float(v), 4) for k, v in timings.items()}
 
 
 @router.post(
@@ -54,7 +50,7 @@ async def vqa(request: Request, rt: RuntimeDep, as_wav: AcceptsWav) -> Response 
         t0 = time.perf_counter()
         image = await load_image(rt, image_bytes)
         timings = {"decode_s": time.perf_counter() - t0}
-        context = await rt.describer.describe(image, cancel=ctx.cancel, timeout=ctx.remaining())
+        context = await describe(rt, ctx, image)
         timings.update(context.timings)
         return plan_vqa(rt, context, opts.question, length=length, language=language, max_tokens=max_tokens), timings
 
@@ -76,9 +72,7 @@ async def vqa(request: Request, rt: RuntimeDep, as_wav: AcceptsWav) -> Response 
                            tokens_per_s=result.tokens_per_second)  # fmt: skip
         audio = None
         if opts.speak or as_wav:
-            t2 = time.perf_counter()
-            audio = await rt.speech.speak(text, cancel=ctx.cancel, timeout=ctx.remaining(), **speech_kw)
-            timings["speech_s"] = time.perf_counter() - t2
+            audio = await speak_timed(rt, ctx, text, opts, timings, voice)
         timings["total_s"] = ctx.elapsed()
         return {"plan": plan, "answer": text, "audio": audio, "timings": timings,
                 "finish": result.finish_reason if result else "stop"}  # fmt: skip
@@ -92,7 +86,7 @@ async def vqa(request: Request, rt: RuntimeDep, as_wav: AcceptsWav) -> Response 
     return VqaResponse(
         answer=out["answer"],
         audio=audio_json(out["audio"]) if out["audio"] else None,
-        timings=_rounded(out["timings"]),
+        timings=rounded(out["timings"]),
         model=rt.engine.name,
         model_can_see=context.can_see,
         text_in_image=context.text,
@@ -126,4 +120,4 @@ async def _events(
             if stream.first_audio_s is not None:
                 timings["time_to_first_audio_s"] = stream.first_audio_s
             yield sse("done", {"answer": stream.answer, "finish_reason": r.finish_reason if r else "stop",
-                               "model": rt.engine.name, "timings": _rounded(timings), **usage})  # fmt: skip
+                               "model": rt.engine.name, "timings": rounded(timings), **usage})  # fmt: skip

@@ -4,6 +4,7 @@
 
 (() => {
   const KEY_STORAGE = "rpiq-api-key";
+  const READY_POLL_MS = 3000; // how often the page asks /readyz until the server is ready
   const DESCRIBE_QUESTION = "Describe this photo.";
   const WARNINGS = {
     dark: "The photo is very dark.",
@@ -16,10 +17,13 @@
     photo: $("photo"), photoStatus: $("photo-status"), serverStatus: $("server-status"),
     camera: $("camera"), cameraStart: $("camera-start"), cameraTake: $("camera-take"),
     cameraStop: $("camera-stop"), video: $("camera-video"),
-    describe: $("describe"), read: $("read"), ask: $("ask"), listen: $("listen"), question: $("question"),
+    scene: $("scene"), describe: $("describe"), read: $("read"), ask: $("ask"), listen: $("listen"), question: $("question"),
     answer: $("answer"), error: $("error"), speech: $("speech"), settings: $("settings"), apikey: $("apikey"),
   };
-  const actionButtons = [ui.describe, ui.read, ui.ask];
+  const actionButtons = [ui.scene, ui.describe, ui.read, ui.ask];
+  const ENDPOINTS = { read: "/v1/read", scene: "/v1/scene", describe: "/v1/vqa", ask: "/v1/vqa" };
+  const LABELS = { read: "Reading the text", scene: "Describing the scene", describe: "Describing the photo",
+                   ask: "Answering" };
   let captured = null; // a Blob taken from the live camera, preferred over the file input
   let stream = null;
   let busy = false;
@@ -71,11 +75,21 @@
     return "The server answered with status " + response.status + ".";
   }
 
-  /** Send the photo to /v1/read or /v1/vqa with speech, and present the answer. */
+  /** The spoken text of a reply: the read text with its warnings, the scene summary, or the answer. */
+  function replyText(kind, body) {
+    if (kind === "read") {
+      const warnings = ((body.image && body.image.warnings) || []).map((w) => WARNINGS[w]).filter(Boolean);
+      return [...warnings, body.text || "I found no readable text in this photo."].join("\n");
+    }
+    if (kind === "scene") return body.summary || "No answer.";
+    return body.answer || "No answer.";
+  }
+
+  /** Send the photo to /v1/read, /v1/scene or /v1/vqa with speech, and present the answer. */
   async function send(kind) {
     if (busy) return;
     showError("");
-    lastButton = { read: ui.read, describe: ui.describe, ask: ui.ask }[kind];
+    lastButton = { read: ui.read, scene: ui.scene, describe: ui.describe, ask: ui.ask }[kind];
     const image = currentImage();
     if (!image) {
       showError("Choose or take a photo first.");
@@ -99,10 +113,9 @@
     const headers = { Accept: "application/json" };
     const key = apiKey();
     if (key) headers.Authorization = "Bearer " + key;
-    const labels = { read: "Reading the text", describe: "Describing the photo", ask: "Answering" };
-    setBusy(true, labels[kind] + ", please wait.");
+    setBusy(true, LABELS[kind] + ", please wait.");
     try {
-      const response = await fetch(kind === "read" ? "/v1/read" : "/v1/vqa", { method: "POST", headers, body: form });
+      const response = await fetch(ENDPOINTS[kind], { method: "POST", headers, body: form });
       if (response.status === 401) {
         setBusy(false);
         announce("No answer.");
@@ -119,15 +132,8 @@
         return;
       }
       const body = await response.json();
-      let text;
-      if (kind === "read") {
-        const warnings = ((body.image && body.image.warnings) || []).map((w) => WARNINGS[w]).filter(Boolean);
-        text = [...warnings, body.text || "I found no readable text in this photo."].join("\n");
-      } else {
-        text = body.answer || "No answer.";
-      }
       setBusy(false);
-      announce(text);
+      announce(replyText(kind, body));
       if (body.audio && body.audio.base64) playWav(body.audio.base64);
     } catch (e) {
       setBusy(false);
@@ -174,8 +180,9 @@
       canvas.getContext("2d").drawImage(ui.video, 0, 0);
       canvas.toBlob((blob) => {
         captured = blob;
-        ui.photoStatus.textContent = "Photo taken from the camera. Now choose Describe, Read text or Ask.";
-        ui.read.focus();
+        ui.photoStatus.textContent =
+          "Photo taken from the camera. Now choose Describe scene, Describe, Read text or Ask.";
+        ui.scene.focus();
       }, "image/jpeg", 0.92);
     });
     ui.cameraStop.addEventListener("click", () => { stopCamera(); ui.cameraStart.focus(); });
@@ -204,6 +211,7 @@
 
   // --- buttons, keys, settings ---
 
+  ui.scene.addEventListener("click", () => send("scene"));
   ui.describe.addEventListener("click", () => send("describe"));
   ui.read.addEventListener("click", () => send("read"));
   ui.ask.addEventListener("click", () => send("ask"));
@@ -221,7 +229,30 @@
     }
   });
 
-  fetch("/readyz").then((r) => {
-    ui.serverStatus.textContent = r.ok ? "The server is ready." : "The server is still loading. Please wait a moment.";
-  }).catch(() => { ui.serverStatus.textContent = "The server cannot be reached."; });
+  /** Status text, changed only when it changes (a live region re-announces every write). */
+  function setStatus(text) {
+    if (ui.serverStatus.textContent !== text) ui.serverStatus.textContent = text;
+  }
+
+  /** Ask /readyz every few seconds until the server is ready (or says why it cannot be). */
+  async function pollReady() {
+    let again = true;
+    try {
+      const r = await fetch("/readyz", { cache: "no-store" });
+      const body = await r.json().catch(() => ({}));
+      if (r.ok) {
+        setStatus("The server is ready.");
+        again = false;
+      } else if (body.error) {
+        setStatus("The server could not load: " + body.error);
+        again = false;
+      } else {
+        setStatus("The server is still loading. Please wait a moment.");
+      }
+    } catch (e) {
+      setStatus("The server cannot be reached. Trying again.");
+    }
+    if (again) window.setTimeout(pollReady, READY_POLL_MS);
+  }
+  pollReady();
 })();

@@ -102,3 +102,100 @@ def test_serve_rejects_a_bad_kernel_or_dtype_at_start(monkeypatch, args, env, me
     res = runner.invoke(app, ["serve", *args], env=env)
     assert res.exit_code == 2, res.output
     assert message in res.output and "Traceback" not in res.output
+
+
+def test_api_key_from_a_file_stays_out_of_argv(monkeypatch, tmp_path):
+    """`--api-key-file` (or RPIQ_API_KEY_FILE): the key is read from the file, never given on the command line."""
+    import server.app
+
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cret-from-file\n")
+    started: list[ServerSettings] = []
+    monkeypatch.setattr(server.app, "run", started.append)
+    res = runner.invoke(app, ["serve", "--host", "0.0.0.0", "--api-key-file", str(key_file)], env={"RPIQ_API_KEY": ""})
+    assert res.exit_code == 0, res.output
+    assert started[0].api_key.get_secret_value() == "s3cret-from-file"
+    env = {"RPIQ_API_KEY_FILE": str(key_file), "RPIQ_API_KEY": ""}
+    monkeypatch.setenv("RPIQ_API_KEY_FILE", str(key_file))
+    assert ServerSettings().api_key.get_secret_value() == "s3cret-from-file"
+    res = runner.invoke(app, ["serve", "--host", "0.0.0.0"], env=env)
+    assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize(("content", "message"), [(None, "cannot read the API key file"), ("\n", "is empty")])
+def test_a_missing_or_empty_key_file_stops_serve(monkeypatch, tmp_path, content, message):
+    import server.app
+
+    monkeypatch.setattr(server.app, "run", lambda settings: pytest.fail("the server must not start"))
+    key_file = tmp_path / "key"
+    if content is not None:
+        key_file.write_text(content)
+    res = runner.invoke(app, ["serve", "--api-key-file", str(key_file)], env={"RPIQ_API_KEY": ""})
+    assert res.exit_code == 2, res.output
+    assert message in " ".join(res.output.split()) and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize(
+    ("affinity", "cpu_max", "expected"),
+    [({0, 1, 2, 3}, None, 4), ({0, 1, 2, 3}, "max 100000", 4), ({0, 1, 2, 3}, "150000 100000", 2),
+     ({0, 1}, "800000 100000", 2), ({5}, "50000 100000", 1), ({0, 1, 2}, "garbage", 3)],
+)  # fmt: skip
+def test_usable_cpus_honours_affinity_and_the_cgroup_quota(monkeypatch, tmp_path, affinity, cpu_max, expected):
+    import os
+
+    from server.cpus import usable_cpus
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: affinity)
+    path = tmp_path / "cpu.max"
+    if cpu_max is not None:
+        path.write_text(cpu_max + "\n")
+    assert usable_cpus(path) == expected
+
+
+def test_threads_default_to_the_usable_cpus(monkeypatch):
+    import server.settings
+
+    monkeypatch.setattr(server.settings, "usable_cpus", lambda: 3)
+    monkeypatch.delenv("RPIQ_THREADS", raising=False)
+    s = ServerSettings()
+    assert (s.threads, s.ocr_threads, s.perception_threads) == (3, 1, 1)
+
+
+def test_docs_work_offline_and_redoc_is_not_offered():
+    """An offline device: Swagger UI's JS and CSS come from this server (swagger-ui-bundle), not a CDN."""
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+
+    c = TestClient(create_app(ServerSettings()))  # no lifespan: nothing loads
+    page = c.get("/docs")
+    assert page.status_code == 200
+    assets = re.findall(r"""(?:src|href)=["']([^"']+\.(?:js|css))""", page.text)
+    assert assets and all(a.startswith("/docs-assets/") for a in assets), assets
+    for a in assets:
+        assert c.get(a).status_code == 200, a
+    assert "cdn" not in page.text.lower()
+    assert c.get("/redoc").status_code == 404
+
+
+def test_a_timeout_counts_as_cancelled_too():
+    import asyncio
+
+    from server.errors import ApiError
+    from server.runtime import Runtime
+
+    rt = Runtime(ServerSettings())
+
+    class Request:
+        async def is_disconnected(self) -> bool:
+            return False
+
+    async def late() -> None:
+        raise TimeoutError
+
+    with pytest.raises(ApiError) as e:
+        asyncio.run(rt.guard(Request(), rt.context(1.0), late()))
+    assert e.value.status == 504
+    text = rt.metrics.render(rt.lanes).decode()
+    assert "rpiq_timeouts_total 1.0" in text and "rpiq_cancelled_total 1.0" in text
+    rt.shutdown()

@@ -32,6 +32,7 @@ AXE_JS = UI_DIR / "node_modules" / "axe-core" / "axe.min.js"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 SIGN = ["ORANGE JUICE", "BEST BEFORE 12 MAY"]
+CAT_PHOTO = REPO / "quantizer" / "calib_images" / "chelsea.jpg"
 
 
 def squash(text: str) -> str:
@@ -142,7 +143,7 @@ def test_page_and_assets_load_without_key(tiny_server):
     html = page.text
     for needed in ("<main>", "<h1>", 'accept="image/*"', 'capture="environment"', 'role="status"', "aria-live"):
         assert needed in html, needed
-    for name in ("Describe", "Read text", "Ask"):
+    for name in ("Describe scene", "Describe", "Read text", "Ask"):
         assert re.search(rf"<button[^>]*>{name}</button>", html), name
     for f in STATIC.iterdir():  # offline: no CDN, fonts or scripts from elsewhere
         assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}/", f.read_text()), f"external URL in {f.name}"
@@ -223,6 +224,49 @@ def test_read_text_keyboard_only(browser, tiny_server, sign_file, artifacts):
     assert text_of(driver, "error") == "" and squash(SIGN[0]) in squash(answer), answer
     assert wait_for(lambda: driver.execute_script("return document.getElementById('speech').src") != old_src, 10,
                     "the new speech")  # fmt: skip
+
+
+def test_describe_scene_keyboard_only(browser, tiny_server, artifacts):
+    """Describe scene posts the photo to /v1/scene; the summary (no language model) is announced and spoken."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    driver = browser
+    driver.get(tiny_server.url + "/")
+    driver.execute_script("sessionStorage.setItem('rpiq-api-key', arguments[0])", API_KEY)
+    driver.get(tiny_server.url + "/")
+    wait_for(lambda: "ready" in text_of(driver, "server-status"), 30, "the server status")
+    driver.find_element(By.ID, "photo").send_keys(str(CAT_PHOTO))
+    old_src = driver.execute_script("return document.getElementById('speech').src")
+    tab_to(driver, "scene")
+    assert driver.execute_script("return document.activeElement.textContent") == "Describe scene"
+    press(driver, Keys.ENTER)
+    answer = wait_for(lambda: (t := text_of(driver, "answer")) and "wait" not in t and t != "No answer yet." and t,
+                      60, "the scene summary in the live region")  # fmt: skip
+    assert text_of(driver, "error") == "" and "a cat" in answer and "o'clock" not in answer, answer
+    assert wait_for(lambda: driver.execute_script("return document.getElementById('speech').src") != old_src, 10,
+                    "the spoken summary")  # fmt: skip
+    driver.save_screenshot(str(artifacts / "05-describe-scene.png"))
+    if AXE_JS.is_file():
+        run_axe(driver, "page with a scene summary")
+
+
+def test_status_polls_until_ready(browser, tiny_server):
+    """While /readyz says 503 the page says it is loading, and it keeps asking until the server is ready."""
+    driver = browser
+    stub = driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": """
+        const realFetch = window.fetch.bind(window);
+        let loading = 2;
+        window.fetch = (url, opts) => (String(url).endsWith('/readyz') && loading-- > 0)
+          ? Promise.resolve(new Response(JSON.stringify({ready: false}), {status: 503}))
+          : realFetch(url, opts);
+    """})  # fmt: skip
+    try:
+        driver.get(tiny_server.url + "/")
+        wait_for(lambda: "still loading" in text_of(driver, "server-status"), 10, "the loading status")
+        wait_for(lambda: text_of(driver, "server-status") == "The server is ready.", 30, "the ready status")
+    finally:
+        driver.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": stub["identifier"]})
 
 
 def test_axe_no_violations(browser, tiny_server, artifacts):
