@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .embedding import QWEIGHT_SUFFIX, SCALES_SUFFIX, Int8Rows, embedding_spec, read_rows
 from .packing import unpack_qweight, unpack_qzeros
 from .spec import (
     CHECKPOINT_FORMATS,
@@ -40,6 +41,8 @@ class QuantizedCheckpoint:
     quant: dict[str, Any]
     weights: dict[str, QuantizedWeight] = field(default_factory=dict)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    embeddings: dict[str, Int8Rows] = field(default_factory=dict)
+    """Int8 embedding tables as stored; `tensors` also holds each one dequantized as ``<name>.weight``."""
 
 
 # =========================================================================== shared rules
@@ -52,7 +55,10 @@ def load_quantized_state(path: str | Path) -> QuantizedCheckpoint:
     """
     stream = open_checkpoint(path)
     weights = {name: stream.quantized_weight(name) for name in stream.quantized_names}
-    return QuantizedCheckpoint(config=stream.config, quant=stream.quant, weights=weights, tensors=dict(stream.rest()))
+    embeddings = {name: stream.embedding(name) for name in stream.embedding_names}
+    tensors = dict(stream.rest())
+    tensors.update({f"{name}.weight": rows.dequantize() for name, rows in embeddings.items()})
+    return QuantizedCheckpoint(stream.config, stream.quant, weights, tensors, embeddings)
 
 
 @dataclass
@@ -72,11 +78,22 @@ class CheckpointStream:
     checkpoint_format: str
     quantized_names: list[str]
     _tensors: _ShardTensors
+    embedding_names: list[str] = field(default_factory=list)
+    """Embedding tables stored as int8 rows (`gptq_format.embedding`), read with `embedding`."""
+    tied_heads: dict[str, str] = field(default_factory=dict)
+    """Output projections (e.g. ``lm_head``) served by the int8 rows of the named embedding table."""
 
     def quantized_weight(self, name: str) -> QuantizedWeight:
         """Module `name`'s GPTQ tensors, checked and unpacked (and dropped from the stream)."""
         t, fmt = self._tensors, self.checkpoint_format
         return _unpack_module(name, t, t.origin, self.bits, self.group_size, self.sym, fmt, self.quant)
+
+    def embedding(self, name: str) -> Int8Rows:
+        """Embedding table `name`'s int8 rows, checked (and dropped from the stream)."""
+        rows = read_rows(self._tensors, self._tensors.origin, name, str(self.path / CONFIG_NAME))
+        for suffix in (QWEIGHT_SUFFIX, SCALES_SUFFIX):
+            self._tensors.pop(f"{name}.{suffix}")
+        return rows
 
     def take(self, key: str) -> torch.Tensor:
         """One plain tensor by name (dropped from the stream); `CheckpointError` if absent."""
@@ -100,7 +117,10 @@ def open_checkpoint(path: str | Path) -> CheckpointStream:
     bits, group_size, sym, fmt = _quant_params(path, quant)
     tensors = _ShardTensors(path)
     names = _quantized_modules(tensors, tensors.origin)
-    return CheckpointStream(path, config, quant, bits, group_size, sym, fmt, names, tensors)
+    spec = embedding_spec(quant, str(path / CONFIG_NAME)) or {"modules": [], "tied": {}}
+    return CheckpointStream(
+        path, config, quant, bits, group_size, sym, fmt, names, tensors, list(spec["modules"]), dict(spec["tied"])
+    )
 
 
 def _read_json(path: Path) -> dict[str, Any]:

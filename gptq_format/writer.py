@@ -28,7 +28,6 @@ Design notes:
   on failure: a truncated download should say which file to fetch again.
 """
 
-
 from __future__ import annotations
 
 import importlib.metadata
@@ -43,6 +42,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .atomic import write_atomically
+from .embedding import Int8Rows, add_embeddings
 from .packing import pack_qweight, pack_qzeros
 from .spec import (
     CHECKPOINT_FORMATS,
@@ -93,6 +93,7 @@ def save_quantized(
     max_shard_bytes: int = 2**31,
     quant_config: QuantRecipe | None = None,
     source_dir: str | Path | None = None,
+    embeddings: Mapping[str, Int8Rows] | None = None,
 ) -> Path:
     """Write `model` with the linears named in `quantized` replaced by packed GPTQ tensors.
 
@@ -105,6 +106,7 @@ def save_quantized(
     what the checkpoint needs to run standalone beyond weights and tokenizer: the processor files
     of a vision-language model (image preprocessing, chat template), which a text-calibrated run
     never loads, and, when the config has an ``auto_map``, the remote modeling code (``*.py``).
+    `embeddings` (from `gptq_format.embedding.quantize_embeddings`) stores those tables as int8 rows.
     """
     out_dir = Path(out_dir)
     _check_save_args(checkpoint_format, dtype, max_shard_bytes, out_dir)
@@ -116,6 +118,8 @@ def save_quantized(
     bits, group_size, sym = _common_grid(quantized, quant_config)
     tensors = _checkpoint_tensors(model, quantized, checkpoint_format, dtype)
     quant = _quantization_config(quantized, checkpoint_format, bits, group_size, sym, quant_config, rpiq_meta)
+    if embeddings:
+        add_embeddings(model, embeddings, tensors, quant)
     config = _model_config_dict(model, quant, dtype)
     source = _source_dir(model, source_dir)
 

@@ -50,6 +50,13 @@ class GridConfig(_Frozen):
         "GPTQ v1 checkpoint form, which stores zero-1",
     )
 
+    embeddings: Literal["none", "int8"] = Field(
+        "none",
+        description="also store the token embedding table (and an LM head tied to it) as row-wise symmetric int8 "
+        "with one float16 scale per row (gptq_format.embedding), quantized before calibration so the linears "
+        "are fitted to the embeddings they will be served with; rpiq's loaders only",
+    )
+
     @field_validator("bits")
     @classmethod
     def _bits_supported(cls, v: int) -> int:

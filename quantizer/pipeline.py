@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gptq_format import QuantizedWeight
+from gptq_format.embedding import Int8Rows, quantize_embeddings
 
 from .adapters import ModelAdapter, UnsupportedModelError, get_adapter
 from .config import QuantConfig, RPIQConfig
@@ -48,6 +49,8 @@ class ModelQuantization:
     weights: dict[str, QuantizedWeight] = field(default_factory=dict)
     reports: list[LayerReport] = field(default_factory=list)
     seconds: float = 0.0
+    embeddings: dict[str, Int8Rows] = field(default_factory=dict)
+    """Int8 embedding tables (``grid.embeddings="int8"``), for `save_quantized(..., embeddings=...)`."""
 
     @property
     def total_loss(self) -> float:
@@ -85,7 +88,9 @@ def quantize_model(
 
     `lm_head`: also quantize the output projection (see `quantize_lm_head`).
     `vision`: also quantize the vision encoder's blocks (the adapter's `vision`), before the
-    language tower; projectors and embeddings stay in full precision either way.
+    language tower; projectors stay in full precision either way. With ``grid.embeddings="int8"``
+    the token embedding table (and a head tied to it) is quantized first, in place, so every linear
+    is calibrated on the embeddings it will be served with.
     """
     cfg = config or RPIQConfig()
     _check_calibration(calib)
@@ -104,6 +109,8 @@ def quantize_model(
         )
     t0 = time.perf_counter()
     job = _Job(model, calib, cfg, device, progress, on_layer)
+    if cfg.grid.embeddings == "int8":
+        job.result.embeddings = quantize_embeddings(model, bits=8)
     for tower in towers:
         state = None
         if state_dir is not None and fp is not None:

@@ -38,7 +38,7 @@ MAX_IMAGES = 4  # per chat request
 
 def limits(rt: Runtime) -> ImageLimits:
     s = rt.settings
-    return ImageLimits(s.max_upload_bytes, s.max_pixels, tuple(f.upper() for f in s.image_formats))
+    return ImageLimits(s.max_upload_bytes, s.max_pixels, tuple(f.upper() for f in s.image_formats), s.max_image_side)
 
 
 async def load_image(rt: Runtime, data: bytes) -> Image.Image:

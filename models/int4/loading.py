@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from gptq_format import CheckpointError, CheckpointStream, QuantizedWeight, open_checkpoint
 
+from .embedding import QuantEmbedding, load_quant_embeddings
 from .linear import QuantLinear, kernel_for
 
 if TYPE_CHECKING:
@@ -121,7 +122,8 @@ def load_quantized(
         _swap(model, name, cls.from_weight(qw, bias, device, dtype))
         used[cls.kernel] += 1
         del qw
-    _assign_rest(model, stream, path, dtype, device)
+    int8_tables = load_quant_embeddings(model, stream, device, dtype)  # int8 embeddings + the heads tied to them
+    _assign_rest(model, stream, path, dtype, device, tie=not int8_tables)
     if used.get("dequant") and kernel == "auto":
         log.warning(
             "%d of %d layers have no fast int4 kernel on %s; they use 'dequant'",
@@ -160,7 +162,13 @@ def _linear_for(model: nn.Module, name: str, qw: QuantizedWeight, path: Path) ->
 
 
 def _assign_rest(
-    model: nn.Module, stream: CheckpointStream, path: Path, dtype: torch.dtype, device: torch.device
+    model: nn.Module,
+    stream: CheckpointStream,
+    path: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    tie: bool = True,
 ) -> None:
     """Put every non-quantized tensor in place, re-tie shared weights, and refuse gaps."""
     state = {k: (t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)) for k, t in stream.rest()}
@@ -174,14 +182,15 @@ def _assign_rest(
         model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:  # size mismatches
         raise CheckpointError(f"{path}: checkpoint does not fit the model built from config.json: {e}") from e
-    model.tie_weights()
+    if tie:  # a head tied to an int8 table already reads it (models.int4.embedding)
+        model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise CheckpointError(f"{path}: tensors missing from the checkpoint: {missing[:10]}")
 
 
-def int4_layers(model: nn.Module) -> list[QuantLinear]:
-    return [m for m in model.modules() if isinstance(m, QuantLinear)]
+def int4_layers(model: nn.Module) -> list[QuantLinear | QuantEmbedding]:
+    return [m for m in model.modules() if isinstance(m, QuantLinear | QuantEmbedding)]
 
 
 def model_weight_bytes(model: nn.Module) -> int:

@@ -28,6 +28,11 @@ class Calib(StrEnum):
     single_instance = "single-instance"
 
 
+class EmbeddingQuant(StrEnum):
+    none = "none"
+    int8 = "int8"
+
+
 class Format(StrEnum):
     gptq = "gptq"
     gptq_v2 = "gptq_v2"
@@ -121,6 +126,14 @@ def quantize(
             "full precision): smaller reads per token for large-vocabulary models, at some perplexity"
         ),
     ] = False,
+    quantize_embeddings: Annotated[
+        EmbeddingQuant | None,
+        typer.Option(
+            help="int8: also store the token embedding table (and an LM head tied to it) as row-wise int8 with "
+            "per-row scales, quantized before calibration; halves the largest 16-bit tensor of small models. "
+            "Such checkpoints load with rpiq only (other GPTQ loaders would see the embedding as missing)"
+        ),
+    ] = None,
     quantize_vision: Annotated[
         bool, typer.Option(help="vision-language models: also quantize the vision encoder (projector stays 16-bit)")
     ] = False,
@@ -158,6 +171,7 @@ def quantize(
                 "group_size": group_size,
                 "sym": sym,
                 "min_zero": 1 if checkpoint_format == Format.gptq else None,
+                "embeddings": quantize_embeddings.value if quantize_embeddings is not None else None,
             },
             gptq={
                 "block_size": block_size,
@@ -236,6 +250,7 @@ def quantize(
         dtype=DTYPES[save_dtype],
         rpiq_meta=meta,
         quant_config=config,
+        embeddings=result.embeddings,
     )
     (out_dir / "rpiq_layers.json").write_text(json.dumps([r.as_dict() for r in result.reports], indent=1))
     if state_dir is not None:

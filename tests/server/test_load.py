@@ -11,7 +11,7 @@ import pytest
 
 from .helpers import png_bytes, render_text
 
-QUESTION = "Describe the colours of everything here please"  # not a read request: the model must generate
+QUESTION = "Why might someone have put this here?"  # neither a read request nor answered by the facts: the model must generate
 
 
 @pytest.fixture(scope="module")
