@@ -7,7 +7,8 @@ Two parts, every configuration in its own child process (so peak RSS is its own)
   as int4 (tinygemm, g128); time per token at batch 1 and 8, and the memory-bandwidth bound:
   bytes the layer must read per decode step divided by the machine's measured read bandwidth.
 * ``model``: the embedded model (SmolLM2-135M-Instruct) as fp32, bf16, int4 (a GPTQ w4g128
-  checkpoint on int4 kernels) and int4 with the LM head quantized too: weight memory, peak RSS,
+  checkpoint on int4 kernels), int4 with the LM head quantized too, and int4 with the tied
+  embedding / LM head stored as int8 rows (``int4+emb8``): weight memory, peak RSS,
   prefill and decode tokens/s at batch 1 and 8, bytes read per decoded token, and perplexity.
 
     python benchmarks/decode.py                         # CPU, both parts, ~10 min on 2 cores
@@ -179,13 +180,14 @@ def _linear_read_bytes(model) -> int:
     """Bytes of weights one decode step reads: every (quantized) linear incl. the LM head.
 
     Embedding tables are only indexed (a few rows per token) unless tied to the head, in which
-    case the head reads them whole and they are counted through it.
+    case the head reads them whole and they are counted through it (an int8 tied head: its table).
     """
     from torch import nn
 
-    from models.int4 import QuantLinear
+    from models.int4 import QuantLinear, QuantTiedHead
 
-    return sum(_linear_bytes(m) for m in model.modules() if isinstance(m, QuantLinear | nn.Linear))
+    heads = sum(m.embedding.weight_bytes() for m in model.modules() if isinstance(m, QuantTiedHead))
+    return heads + sum(_linear_bytes(m) for m in model.modules() if isinstance(m, QuantLinear | nn.Linear))
 
 
 def _model_job(job: dict) -> dict:
@@ -248,21 +250,34 @@ def _prefill_decode(model, device, batch: int, prompt: int, new: int, vocab: int
     return prefill, decode
 
 
-def _ensure_checkpoint(path: Path, lm_head: bool) -> Path:
-    """A GPTQ w4g128 checkpoint of the embedded model (built once, in a child process)."""
+def ensure_checkpoint(path: Path, lm_head: bool, embeddings: str = "none", model_dir: str | None = None) -> Path:
+    """A GPTQ w4g128 checkpoint of the embedded model (or of `model_dir`), built once, in a child process;
+    `embeddings="int8"` stores the (tied) embedding table as int8 rows too."""
     if (path / "config.json").is_file():
         return path
+    import torch
+
     from gptq_format import save_quantized
     from models.loading import load_fp_model
     from quantizer.config import GridConfig, quant_config
     from quantizer.data import calibration_windows, load_text
     from quantizer.pipeline import quantize_model
 
-    model, tok, _ = load_fp_model(None)
+    model, tok, _ = load_fp_model(model_dir)
+    dtype = torch.bfloat16 if model.config.model_type.startswith("gemma") else torch.float16  # fp16 overflows Gemma
     calib = calibration_windows(tok, load_text("calib"), 8, 512, seed=0)
-    cfg = quant_config("gptq", grid=GridConfig(bits=4, group_size=128))
+    cfg = quant_config("gptq", grid=GridConfig(bits=4, group_size=128, embeddings=embeddings))
     res = quantize_model(model, calib, cfg, progress=False, lm_head=lm_head)
-    save_quantized(model, res.weights, path, tokenizer=tok, checkpoint_format="gptq_v2", quant_config=cfg)
+    save_quantized(
+        model,
+        res.weights,
+        path,
+        tokenizer=tok,
+        checkpoint_format="gptq_v2",
+        quant_config=cfg,
+        embeddings=res.embeddings,
+        dtype=dtype,
+    )
     return path
 
 
@@ -280,6 +295,7 @@ def main() -> None:
     ap.add_argument("--ppl-windows", type=int, default=8, help="heldout windows of 512 tokens; 0 = skip")
     ap.add_argument("--checkpoint", type=Path, default=CACHE / "smollm2-gptq-w4g128")
     ap.add_argument("--checkpoint-lm-head", type=Path, default=CACHE / "smollm2-gptq-w4g128-lmhead")
+    ap.add_argument("--checkpoint-emb8", type=Path, default=CACHE / "smollm2-gptq-w4g128-emb8")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -305,11 +321,13 @@ def main() -> None:
         _layers_table(console, Table, result["layers"], bandwidth)
 
     if args.part in ("model", "all"):
-        ckpt = in_child(_ensure_checkpoint_job, (str(args.checkpoint), False))
-        ckpt_head = in_child(_ensure_checkpoint_job, (str(args.checkpoint_lm_head), True))
+        ckpt = in_child(_ensure_checkpoint_job, (str(args.checkpoint), False, "none"))
+        ckpt_head = in_child(_ensure_checkpoint_job, (str(args.checkpoint_lm_head), True, "none"))
+        ckpt_emb8 = in_child(_ensure_checkpoint_job, (str(args.checkpoint_emb8), False, "int8"))
         fp_dir = str(resolve_model(None))
         short = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
         configs = [(short[d], fp_dir) for d in dense] + [("int4", ckpt), ("int4+head", ckpt_head)]
+        configs.append(("int4+emb8", ckpt_emb8))
         base = {
             "device": args.device, "batches": batches, "prompt_tokens": args.prompt_tokens,
             "new_tokens": args.new_tokens, "ppl_windows": args.ppl_windows,
@@ -333,8 +351,9 @@ def main() -> None:
     console.print(f"saved {out}")
 
 
-def _ensure_checkpoint_job(arg: tuple[str, bool]) -> str:
-    return str(_ensure_checkpoint(Path(arg[0]), arg[1]))
+def _ensure_checkpoint_job(arg: tuple) -> str:
+    """(path, lm_head[, embeddings]) -> the checkpoint directory; for `in_child`."""
+    return str(ensure_checkpoint(Path(arg[0]), *arg[1:]))
 
 
 def _layers_table(console, Table, rows: list[dict], bandwidth: float) -> None:

@@ -30,6 +30,7 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -84,18 +85,20 @@ def quantize_config(variant: str, bits: int, group_size: int, percdamp: float, a
 
 
 def _dequantized(mod):
-    """A packed GPTQModel linear's weight as float32 [out, in], and its fp16 scales per (group, out)."""
+    """A packed GPTQModel linear's weight as float32 [out, in], its fp16 scales [groups, out], its g_idx."""
     import torch
-
     from gptqmodel.nn_modules.qlinear import PackableQuantLinear
 
-    scales = mod.scales.detach().clone()
-    mod.scales.data = scales.float()  # dequantize in float32: scale * (code - zero), exactly
-    try:
-        w = PackableQuantLinear.dequantize_weight(mod).T.contiguous().float()
-    finally:
-        mod.scales.data = scales
-    return w, scales, mod.g_idx.detach().long().clone(), torch.float32
+    with torch.inference_mode():  # the library made its buffers as inference tensors
+        scales = mod.scales.detach().clone()
+        mod.scales.data = scales.float()  # dequantize in float32: scale * (code - zero), exactly
+        try:
+            w = PackableQuantLinear.dequantize_weight(mod).T.float()
+        finally:
+            mod.scales.data = scales
+        g_idx = mod.g_idx.detach().long()
+    # clones made outside inference mode are ordinary tensors
+    return w.clone(), scales.clone(), g_idx.clone()
 
 
 def _grid_check(w, w0, scales, g_idx, bits: int) -> dict:
@@ -133,7 +136,7 @@ def _grid_check(w, w0, scales, g_idx, bits: int) -> dict:
 
 def run(job: dict) -> dict:
     import torch
-    from gptqmodel import GPTQModel
+    from gptqmodel import BACKEND, GPTQModel
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear
 
     from models.loading import load_fp_model
@@ -166,6 +169,17 @@ def run(job: dict) -> dict:
     quantize_seconds = time.perf_counter() - t0
     handle.remove()
     torch.set_num_threads(default_threads)
+    peak_rss = peak_rss_mb()
+    # The checkpoint as the library writes it (GPTQ format, v1 zeros), loaded back with its torch
+    # kernel: its in-memory modules right after quantize() still hold v1 zeros (stored zero - 1),
+    # which its loader converts; dequantizing them directly is off by one grid step.
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="gptqmodel_") as ckpt:
+        gm.save(ckpt)
+        checkpoint_mb = sum(f.stat().st_size for f in Path(ckpt).glob("*.safetensors")) / 2**20
+        del gm
+        gm = GPTQModel.load(ckpt, device="cpu", backend=BACKEND.GPTQ_TORCH)
+    save_load_seconds = time.perf_counter() - t0
 
     fed = torch.cat([s.reshape(-1, s.shape[-1]) for s in seen if s.shape[-1] == job["seqlen"]]) if seen else None
     uniq = torch.unique(fed, dim=0) if fed is not None else torch.empty(0, job["seqlen"], dtype=torch.long)
@@ -180,14 +194,21 @@ def run(job: dict) -> dict:
 
     # The library's packed weights, dequantized, into our full-precision model.
     layers = fp_model.model.layers
-    picks = {f"model.layers.{i}.{n}" for i in sorted({0, len(layers) // 2, len(layers) - 1}) for n in GRID_CHECK_MODULES}
+    picks = {
+        f"model.layers.{i}.{n}" for i in sorted({0, len(layers) // 2, len(layers) - 1}) for n in GRID_CHECK_MODULES
+    }
     qmods = {n: m for n, m in gm.model.named_modules() if isinstance(m, BaseQuantLinear)}
     linears = [n for n, m in fp_model.named_modules() if isinstance(m, torch.nn.Linear)]
-    grid: dict = {"bits": job["bits"], "group_size": job["group_size"], "levels_allowed": 2 ** job["bits"], "modules": {}}
+    grid: dict = {
+        "bits": job["bits"],
+        "group_size": job["group_size"],
+        "levels_allowed": 2 ** job["bits"],
+        "modules": {},
+    }
     kinds = sorted({type(m).__name__ for m in qmods.values()})
     with torch.no_grad():
         for name, qm in qmods.items():
-            w, scales, g_idx, _ = _dequantized(qm)
+            w, scales, g_idx = _dequantized(qm)
             target = fp_model.get_submodule(name)
             if name in picks:
                 grid["modules"][name] = _grid_check(w, target.weight.detach().float(), scales, g_idx, job["bits"])
@@ -199,7 +220,7 @@ def run(job: dict) -> dict:
     # Cross-check on the first window: the library's own quantized forward against our dense copy.
     library_ppl1 = perplexity(gm.model, ev[:1])
     ours_ppl1 = perplexity(fp_model, ev[:1])
-    peak_rss = peak_rss_mb()
+    library_dtype = str(next(gm.model.parameters()).dtype)
     del gm
     row = {
         "method": f"gptqmodel-{job['variant']}",
@@ -215,6 +236,8 @@ def run(job: dict) -> dict:
         "eval_windows": job["eval_windows"],
         "load_seconds": load_seconds,
         "quantize_seconds": quantize_seconds,
+        "save_reload_seconds": save_load_seconds,
+        "checkpoint_mb": checkpoint_mb,
         "quantize_threads": job["threads"] or default_threads,
         "eval_threads": default_threads,
         "peak_rss_mb_before_eval": peak_rss,
@@ -226,6 +249,7 @@ def run(job: dict) -> dict:
             "window": 0,
             "ppl_library_modules": library_ppl1,
             "ppl_dequantized_into_our_model": ours_ppl1,
+            "library_model_dtype": library_dtype,
             "relative_difference": abs(library_ppl1 - ours_ppl1) / ours_ppl1,
         },
     }

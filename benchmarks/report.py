@@ -39,6 +39,16 @@ from report_summary import GRIDS, METHODS, markdown, plot, summarize, verdicts
 ROOT = Path(__file__).resolve().parent.parent
 REF_PYTHON = ROOT / ".venv-ref" / "bin" / "python"
 REF_SCRIPT = ROOT / "benchmarks" / "reference_gptq.py"
+GPTQMODEL_PYTHON = ROOT / ".venv-gptqmodel" / "bin" / "python"
+GPTQMODEL_SCRIPT = ROOT / "benchmarks" / "gptqmodel_worker.py"
+INSTALL_GPTQMODEL = "bash scripts/install_reference.sh gptqmodel"
+REFERENCES: dict[str, tuple[Path, Path, list[str], str]] = {
+    # report name: (venv python, worker script, extra worker arguments, install command)
+    "gptq-ref": (REF_PYTHON, REF_SCRIPT, [], "bash scripts/install_reference.sh"),
+    "gptqmodel-v1": (GPTQMODEL_PYTHON, GPTQMODEL_SCRIPT, ["--variant", "v1"], INSTALL_GPTQMODEL),
+    "gptqmodel-v2": (GPTQMODEL_PYTHON, GPTQMODEL_SCRIPT, ["--variant", "v2"], INSTALL_GPTQMODEL),
+}
+"""Methods run by a reference library in its own venv (each pins what the project does not)."""
 
 SPECS: dict[str, tuple[str, str, bool]] = {
     # report name: (quantizer method, calibration mode, compensate upstream error)
@@ -99,13 +109,14 @@ def quality_job(job: dict) -> dict:
 
 
 def reference_job(job: dict) -> dict | None:
-    """llm-compressor's GPTQ in its own venv (it pins another transformers); None when not installed."""
-    if not (REF_PYTHON.exists() and REF_SCRIPT.exists()):
+    """A reference library's GPTQ (llm-compressor; GPTQModel v1 / v2) in its own venv; None when not installed."""
+    python, script, extra, _ = REFERENCES[job["method"]]
+    if not (python.exists() and script.exists()):
         return None
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "ref.json"
         args = [
-            str(REF_PYTHON), str(REF_SCRIPT), "--model", job["model"], "--bits", str(job["bits"]),
+            str(python), str(script), *extra, "--model", job["model"], "--bits", str(job["bits"]),
             "--group-size", str(job["group_size"]), "--nsamples", str(job["nsamples"]), "--seqlen", str(job["seqlen"]),
             "--seed", str(job["seed"]), "--eval", job["evals"][0], "--eval-seqlen", str(job["eval_seqlen"]),
             "--eval-windows", str(job["eval_windows"]), "--out", str(out),
@@ -114,11 +125,12 @@ def reference_job(job: dict) -> dict | None:
             args += ["--eval2", job["evals"][1]]
         proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
         if proc.returncode != 0 or not out.exists():
-            print(f"reference GPTQ failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}", file=sys.stderr)
+            print(f"{job['method']} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}", file=sys.stderr)
             return None
         ref = json.loads(out.read_text())
     row = dict(job)
-    row.update({k: ref[k] for k in ("quantize_seconds", "library", "versions", "settings") if k in ref})
+    keep = ("quantize_seconds", "library", "versions", "settings", "library_forward_check", "calibration_check")
+    row.update({k: ref[k] for k in keep if k in ref})
     row["peak_rss_mb"] = ref.get("peak_rss_mb_before_eval", float("nan"))
     row[f"ppl_{job['evals'][0]}"] = ref["ppl"]
     if len(job["evals"]) > 1 and "ppl_eval2" in ref:
@@ -243,9 +255,10 @@ def main() -> None:
     rows = list(previous.get("rows", []))
     have = {key(r) for r in rows}
 
-    def record(row: dict | None) -> None:
+    def record(row: dict | None, job: dict) -> None:
         if row is None:
-            console.print("[yellow]skipped gptq-ref: run `bash scripts/install_reference.sh` first[/]")
+            install = REFERENCES[job["method"]][3]
+            console.print(f"[yellow]skipped {job['method']}: its venv is missing or its run failed (`{install}`)[/]")
             return
         rows.append(row)
         have.add(key(row))
@@ -265,15 +278,15 @@ def main() -> None:
         threads = max(1, mp.cpu_count() // args.jobs)
         # One fresh process per job (peak RSS is per job), N at a time; timings are then under load.
         with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as pool:
-            futures = [
-                pool.submit(reference_job if j["method"] == "gptq-ref" else quality_job, {**j, "threads": threads})
+            futures = {
+                pool.submit(reference_job if j["method"] in REFERENCES else quality_job, {**j, "threads": threads}): j
                 for j in jobs
-            ]
+            }
             for fut in as_completed(futures):
-                record(fut.result())
+                record(fut.result(), futures[fut])
     else:
         for j in jobs:
-            record(reference_job(j) if j["method"] == "gptq-ref" else in_child(quality_job, j))
+            record(reference_job(j) if j["method"] in REFERENCES else in_child(quality_job, j), j)
     summary = summarize(rows, evals)
     report: dict = {"rows": rows, "summary": summary, "verdicts": verdicts(summary, evals)}
     for part in ("ablation", "inference"):
@@ -304,6 +317,11 @@ def main() -> None:
     }
     if previous.get("meta"):
         report["meta"]["appended_to"] = previous["meta"]["command"]
+        # Every command that made this report, oldest first, and any notes written beside them.
+        before = previous["meta"].get("history") or [previous["meta"]["command"]]
+        report["meta"]["history"] = [*before, report["meta"]["command"]]
+        if previous["meta"].get("notes"):
+            report["meta"]["notes"] = previous["meta"]["notes"]
     (args.out_dir / "report.json").write_text(json.dumps(report, indent=1))
     (args.out_dir / "report.md").write_text(markdown(report))
     plot(report, args.out_dir / "ppl_vs_bits.png")

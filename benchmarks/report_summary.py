@@ -11,12 +11,14 @@ import statistics
 from pathlib import Path
 
 GRIDS: dict[str, tuple[int, int]] = {"w4g128": (4, 128), "w3g128": (3, 128), "w4pc": (4, -1)}
-METHODS = ("rtn", "gptq", "gptq-ref", "gptq-comp", "rpiq", "rpiq-si", "rpiq-si-comp")
+METHODS = ("rtn", "gptq", "gptq-ref", "gptqmodel-v1", "gptqmodel-v2", "gptq-comp", "rpiq", "rpiq-si", "rpiq-si-comp")
 LABELS = {
     "fp": "full precision",
     "rtn": "RTN",
     "gptq": "GPTQ (ours)",
     "gptq-ref": "GPTQ (llm-compressor)",
+    "gptqmodel-v1": "GPTQ (GPTQModel v1)",
+    "gptqmodel-v2": "GPTQ v2 / GPTAQ (GPTQModel)",
     "gptq-comp": "GPTQ + compensation",
     "rpiq": "RPIQ, sequential",
     "rpiq-si": "RPIQ, single-instance",
@@ -59,8 +61,29 @@ def summarize(rows: list[dict], evals: list[str]) -> list[dict]:
     return out
 
 
+PUBLIC_GPTQ = ("gptq-ref", "gptqmodel-v1", "gptqmodel-v2")
+"""Reference libraries' GPTQ rows (llm-compressor; GPTQModel's GPTQ and GPTQ v2 / GPTAQ)."""
+
+
+def _versus(r: dict, g: dict, text: str, grid: str, name: str, other: str) -> str:
+    """One verdict line: `r`'s gap to FP against `g`'s on `text`, with the seed spread."""
+    change = 1 - r[f"gap_{text}"] / g[f"gap_{text}"] if g[f"gap_{text}"] else float("nan")
+    word = "smaller" if change > 0 else "LARGER"
+    noise = max(r[f"ppl_{text}_std"], g[f"ppl_{text}_std"])
+    within = abs(r[f"ppl_{text}"] - g[f"ppl_{text}"]) <= 2 * noise
+    if min(r["runs"], g["runs"]) > 1:
+        spread = f"seed spread (std) up to {noise:.2f}" + (" - within 2 std: not a clear difference" if within else "")
+    else:
+        spread = "one seed: spread not measured"
+    return (
+        f"{grid}, {text}: {name} gap to FP {r[f'gap_{text}']:+.2f} vs {other} {g[f'gap_{text}']:+.2f} "
+        f"({abs(change) * 100:.0f}% {word}); {spread}"
+    )
+
+
 def verdicts(summary: list[dict], evals: list[str]) -> list[str]:
-    """Plain statements: RPIQ's gap to FP against our GPTQ's, per grid and text, with the spread."""
+    """Plain statements: RPIQ's gap to FP against our GPTQ's, then against the best public GPTQ row
+    (the reference library with the lowest mean perplexity on that grid and text), with the spread."""
     lines = []
     by = {(s["grid"], s["method"]): s for s in summary}
     for grid in GRIDS:
@@ -69,26 +92,19 @@ def verdicts(summary: list[dict], evals: list[str]) -> list[str]:
             continue
         for method in ("gptq-comp", "rpiq", "rpiq-si", "rpiq-si-comp"):
             r = by.get((grid, method))
-            if r is None:
-                continue
             for text in evals:
-                if f"gap_{text}" not in r:
-                    continue
-                change = 1 - r[f"gap_{text}"] / g[f"gap_{text}"] if g[f"gap_{text}"] else float("nan")
-                word = "smaller" if change > 0 else "LARGER"
-                noise = max(r[f"ppl_{text}_std"], g[f"ppl_{text}_std"])
-                within = abs(r[f"ppl_{text}"] - g[f"ppl_{text}"]) <= 2 * noise
-                ours, theirs = r[f"gap_{text}"], g[f"gap_{text}"]
-                if min(r["runs"], g["runs"]) > 1:
-                    spread = f"seed spread (std) up to {noise:.2f}" + (
-                        " - within 2 std: not a clear difference" if within else ""
-                    )
-                else:
-                    spread = "one seed: spread not measured"
-                lines.append(
-                    f"{grid}, {text}: {LABELS[method]} gap to FP {ours:+.2f} vs GPTQ {theirs:+.2f} "
-                    f"({abs(change) * 100:.0f}% {word}); {spread}"
-                )
+                if r is not None and f"gap_{text}" in r and f"gap_{text}" in g:
+                    lines.append(_versus(r, g, text, grid, LABELS[method], "GPTQ"))
+    for grid in GRIDS:
+        for text in evals:
+            refs = [by[(grid, m)] for m in PUBLIC_GPTQ if f"ppl_{text}" in by.get((grid, m), {})]
+            if not refs:
+                continue
+            best = min(refs, key=lambda s: s[f"ppl_{text}"])
+            for method in ("gptq", "rpiq", "rpiq-si-comp"):
+                r = by.get((grid, method))
+                if r is not None and f"gap_{text}" in r:
+                    lines.append(_versus(r, best, text, grid, LABELS[method], f"best public {LABELS[best['method']]}"))
     return lines
 
 
@@ -96,6 +112,12 @@ def markdown(report: dict) -> str:
     evals = report["meta"]["evals"]
     fp = next(r for r in report["rows"] if r["method"] == "fp")
     md = [f"# rpiq evidence report ({report['meta']['date']})", ""]
+    for note in report["meta"].get("notes", []):  # how earlier parts were made, written beside them
+        md += [note, ""]
+    history = report["meta"].get("history", [])
+    if len(history) > 1:
+        md += ["Commands, oldest first (each `--append` run added the rows it lacked):", ""]
+        md += [f"{i}. `{c}`" for i, c in enumerate(history, 1)] + [""]
     md += [f"Command: `{report['meta']['command']}`", f"Machine: {report['meta']['machine']}", ""]
     md += [f"Versions: {report['meta']['versions']}", ""]
     load = report["meta"].get("load_average_start_end")

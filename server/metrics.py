@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from .memory import rss_bytes
+
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
 STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5)  # perception stages take milliseconds
 
@@ -23,9 +25,14 @@ class Metrics:
         )
         self.queue_depth = Gauge("rpiq_queue_depth", "jobs admitted and not finished, per lane", ["lane"], registry=r)
         self.rejected = Counter(
-            "rpiq_rejected", "requests refused with 503 because a lane was full", ["lane"], registry=r
+            "rpiq_rejected", "requests refused with 503: a lane or the image gate was full, or memory (lane=memory) "
+            "above the ceiling", ["lane"], registry=r,
+        )  # fmt: skip
+        self.timeouts = Counter(
+            "rpiq_timeouts",
+            "requests that ran out of time (504, or an answer stopped early at the deadline)",
+            registry=r,
         )
-        self.timeouts = Counter("rpiq_timeouts", "requests that ran out of time", registry=r)
         self.cancelled = Counter(
             "rpiq_cancelled", "requests whose work was stopped early (client gone or timeout)", registry=r
         )
@@ -40,6 +47,7 @@ class Metrics:
             ["stage"], buckets=STAGE_BUCKETS, registry=r,
         )  # fmt: skip
         self.model_loaded = Gauge("rpiq_model_loaded", "1 once the model is ready", registry=r)
+        self.rss = Gauge("rpiq_resident_memory_bytes", "resident set size of the server process", registry=r)
 
     def timed_out(self) -> None:
         """A request ran out of time: its work was stopped, so it counts as cancelled too."""
@@ -54,4 +62,5 @@ class Metrics:
     def render(self, lanes: dict) -> bytes:
         for name, lane in lanes.items():
             self.queue_depth.labels(name).set(lane.depth)
+        self.rss.set(rss_bytes() or 0)
         return generate_latest(self.registry)

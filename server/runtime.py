@@ -1,4 +1,5 @@
-"""The server's long-lived parts (settings, model engine, lanes, OCR, speech, metrics) and per-request context.
+"""The server's long-lived parts (settings, model engine, lanes, image gate, memory guard, OCR, speech, metrics)
+and per-request context.
 
 Loading happens in a background thread after startup, so /healthz answers at once and /readyz
 turns 200 only when the model, OCR and speech are usable (what an orchestrator should wait for).
@@ -19,7 +20,8 @@ from fastapi import Request
 from .cpus import apply_thread_budgets
 from .engine import Engine
 from .errors import ApiError, ClientGone
-from .lanes import Cancelled, Lane, QueueFull
+from .lanes import Cancelled, Gate, Lane, QueueFull
+from .memory import MemoryGuard
 from .metrics import Metrics
 from .ocr import OcrUnavailableError, make_engine
 from .reading import Reader
@@ -29,11 +31,17 @@ from .vision import Describer, TextOnlyDescriber, VLMDescriber
 
 log = logging.getLogger("rpiq.server")
 T = TypeVar("T")
+SPEECH_RESERVE_S = 2.0  # a spoken answer stops generating this long (at most a quarter of the timeout) early
+SPEECH_SHARE = 0.25
 
 
 @dataclass
 class RequestCtx:
-    """Per request: a cancel event shared by every job it queues, and one deadline for all of them."""
+    """Per request: a cancel event shared by every job it queues, and one deadline for all of them.
+
+    Generation has its own, earlier deadline when the answer is to be spoken: a generation stopped by
+    the deadline still answers with the sentences it made (`assist.answer`), and those need time to
+    be spoken before the request's own deadline."""
 
     timeout_s: float
     t0: float = field(default_factory=time.perf_counter)
@@ -41,12 +49,22 @@ class RequestCtx:
 
     def __post_init__(self) -> None:
         self.deadline = time.monotonic() + self.timeout_s
+        self.generation_deadline = self.deadline
 
-    def remaining(self) -> float:
-        left = self.deadline - time.monotonic()
+    def reserve(self, seconds: float) -> None:
+        """Stop generating `seconds` (at most a quarter of the timeout) before the deadline."""
+        self.generation_deadline = self.deadline - min(seconds, SPEECH_SHARE * self.timeout_s)
+
+    def remaining(self, until: float | None = None) -> float:
+        """Seconds left until the deadline (or `until`); TimeoutError when none are."""
+        left = (self.deadline if until is None else until) - time.monotonic()
         if left <= 0:
             raise TimeoutError
         return left
+
+    def out_of_time(self) -> bool:
+        """The generation deadline has passed."""
+        return time.monotonic() >= self.generation_deadline
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -65,7 +83,11 @@ class Runtime:
         self.model_lane = Lane("model", s.queue_size)
         self.ocr_lane = Lane("ocr", s.queue_size)
         self.speech_lane = Lane("speech", max(16, 4 * s.queue_size))
-        self.lanes = {"model": self.model_lane, "ocr": self.ocr_lane, "speech": self.speech_lane}
+        self.memory = MemoryGuard(s.max_rss_mb)
+        # Photos are decoded only once this gate admits them, so a burst holds compressed bytes, not pixels.
+        self.image_gate = Gate("image", s.max_decoded_images, s.queue_size, on_idle=self.memory.settle)
+        self.lanes: dict[str, Lane | Gate] = {"model": self.model_lane, "ocr": self.ocr_lane,
+                                              "speech": self.speech_lane, "image": self.image_gate}  # fmt: skip
         self.speech = Speech(self.speech_lane, s.voice, s.speech_rate, s.speech_volume)
         self.reader: Reader | None = None
         self.describer: Describer = TextOnlyDescriber(None)
@@ -124,9 +146,13 @@ class Runtime:
         return ApiError(503, "queue_full", f"The server is busy ({e.lane} queue full); retry in {e.retry_after} s.",
                         {"Retry-After": str(e.retry_after)})  # fmt: skip
 
-    def context(self, timeout_s: float | None) -> RequestCtx:
+    def context(self, timeout_s: float | None, *, speaking: bool = False) -> RequestCtx:
+        """The request's deadline (its `timeout_s`, capped by the server's); `speaking`: time kept to speak."""
         limit = self.settings.request_timeout_s
-        return RequestCtx(min(timeout_s, limit) if timeout_s else limit)
+        ctx = RequestCtx(min(timeout_s, limit) if timeout_s else limit)
+        if speaking:
+            ctx.reserve(SPEECH_RESERVE_S)
+        return ctx
 
     async def guard(self, request: Request, ctx: RequestCtx, work: Awaitable[T]) -> T:
         """Await `work`, turning lane errors into API errors; a client that disconnects cancels it."""

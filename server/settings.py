@@ -71,6 +71,15 @@ class ServerSettings(BaseSettings):
     queue_size: int = Field(8, ge=0, le=1024, description="requests waiting for the model besides the running one")
     request_timeout_s: float = Field(60.0, gt=0, description="upper bound on one request, queueing included")
     max_new_tokens: int = Field(512, ge=1, description="largest max_tokens a request may ask for")
+    max_decoded_images: int = Field(
+        2, ge=1, le=64,
+        description="photos decoded and worked on (OCR, perception) at once; further uploads wait in line "
+        "(queue_size of them) as compressed bytes, beyond that 503: bounds the memory a burst of uploads takes",
+    )  # fmt: skip
+    max_rss_mb: int | None = Field(
+        None, ge=64, description="process memory ceiling in MB: above it new photo requests get 503 + Retry-After; "
+        "unset = no ceiling",
+    )  # fmt: skip
     token_delay_s: float = Field(
         0.0, ge=0, description="sleep per generated token: simulates a slower device in tests and load drills"
     )
@@ -114,7 +123,7 @@ class ServerSettings(BaseSettings):
     def _empty_is_default(cls, v: object) -> object:
         return None if v in ("", None) else str(Path(str(v)).expanduser())
 
-    @field_validator("api_key", "api_key_file", mode="before")
+    @field_validator("api_key", "api_key_file", "max_rss_mb", mode="before")
     @classmethod
     def _empty_key_is_none(cls, v: object) -> object:
         return None if v in ("", None) else v  # RPIQ_API_KEY= (empty) in an env file means "no key"

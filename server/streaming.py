@@ -6,6 +6,10 @@ deltas otherwise), each sentence optionally spoken, audio handed out in order, a
 request's deadline. It yields `Text`, `Spoken`, `Failed` and `Done` chunks; each route renders them
 in its own format (named rpiq events, or OpenAI ``chat.completion.chunk`` objects) with
 `sse_response`.
+
+When the deadline stops generation, the stream ends as the JSON answer does (`assist.answer`): the
+last sentence if it was whole, a note that it stopped early, and `Done` with finish reason
+"deadline"; a `Failed("timeout")` only when nothing usable was said.
 """
 
 from __future__ import annotations
@@ -22,9 +26,9 @@ from fastapi.responses import StreamingResponse
 
 from models.inference import Generation
 
-from .assist import Plan, record_generation
+from .assist import GRACE_S, STOPPED_EARLY, Plan, ends_sentence, finish_reason, record_generation
 from .grounding import GroundedSentences
-from .lanes import QueueFull
+from .lanes import Cancelled, QueueFull
 from .runtime import RequestCtx, Runtime
 from .speech import Audio
 
@@ -50,7 +54,8 @@ class Failed:
 
 @dataclass
 class Done:
-    result: Generation | None  # None: a fixed answer, the model was not asked
+    result: Generation | None  # None: a fixed answer (the model was not asked), or generation overran
+    finish_reason: str = "stop"  # stop, length, cancelled or deadline (`assist.finish_reason`)
 
 
 Chunk = Text | Spoken | Failed | Done
@@ -71,6 +76,7 @@ class AnswerStream:
         self.q: asyncio.Queue[tuple[str, str | None]] = asyncio.Queue()
         self.texts: list[str] = []
         self.first_audio_s: float | None = None
+        self.finish: str | None = None  # set once generation is over (or overran the deadline)
         self.generation = self._start() if plan.messages is not None else None
 
     @property
@@ -86,9 +92,10 @@ class AnswerStream:
         def on_text(text: str) -> None:  # called on the model thread
             loop.call_soon_threadsafe(self.q.put_nowait, ("delta", text))
 
+        until = ctx.generation_deadline
         try:
-            cfut = rt.model_lane.submit_sync(rt.engine.generate, plan.messages, plan.options, ctx.cancel,
-                                             ctx.deadline, on_text, cancel=ctx.cancel)  # fmt: skip
+            cfut = rt.model_lane.submit_sync(rt.engine.generate, plan.messages, plan.options, ctx.cancel, until,
+                                             on_text, cancel=ctx.cancel, deadline=until)  # fmt: skip
         except QueueFull as e:
             raise rt.busy(e) from None
         future = asyncio.wrap_future(cfut)
@@ -99,7 +106,7 @@ class AnswerStream:
         rt, ctx, plan = self.rt, self.ctx, self.plan
         speaking: list[tuple[str, asyncio.Future]] = []
         model_text = plan.sentences()
-        emitted, finished = 0, False
+        emitted, finished, raw = 0, False, ""
 
         def emit(sentences: list[str]) -> list[Text]:
             out = []
@@ -133,38 +140,71 @@ class AnswerStream:
                 if finished and emitted == len(speaking):
                     break
                 try:
-                    left = max(0.01, ctx.deadline - time.monotonic())
+                    left = max(0.01, ctx.deadline + GRACE_S - time.monotonic())
                     kind, value = await asyncio.wait_for(self.q.get(), timeout=left)
                 except TimeoutError:
+                    kind, value = "late", None  # generation (or speech) overran the deadline
+                if kind == "delta":
+                    raw += value
+                    for chunk in [self._text(value)] if model_text is None else emit(model_text.feed(value)):
+                        yield chunk
+                elif kind in ("end", "late") and not finished:
+                    finished = True
+                    self.finish = "deadline" if kind == "late" else self._finish()
+                    ending = self._ending(model_text, raw)
+                    if ending is None:
+                        yield Failed("timeout", "The request ran out of time.")
+                        return
+                    for chunk in emit(ending):
+                        yield chunk
+                elif kind == "late":  # the answer is made but its speech did not finish in time
                     ctx.cancel.set()
-                    rt.metrics.timeouts.inc()
+                    if self.finish != "deadline":  # else counted already
+                        rt.metrics.timed_out()
                     yield Failed("timeout", "The request ran out of time.")
                     return
-                if kind == "delta" and model_text is None:
-                    yield self._text(value)
-                elif kind == "delta":
-                    for chunk in emit(model_text.feed(value)):
-                        yield chunk
-                elif kind == "end" and not finished:
-                    finished = True
-                    if model_text is not None:
-                        rest = model_text.flush()
-                        if self.generation is not None and not model_text.kept:
-                            rest = [model_text.fallback()]
-                        for chunk in emit(rest):
-                            yield chunk
             result = None
-            if self.generation is not None:
-                if self.generation.exception() is not None:
-                    yield Failed("generation_failed", str(self.generation.exception()))
+            if self.generation is not None and self.generation.done():
+                error = self.generation.exception()
+                if isinstance(error, Cancelled):  # its turn on the model lane came after the deadline
+                    rt.metrics.timed_out()
+                    yield Failed("timeout", "The request ran out of time.")
+                    return
+                if error is not None:
+                    yield Failed("generation_failed", str(error))
                     return
                 result = self.generation.result()
-                record_generation(rt, result)
-            yield Done(result)
+                record_generation(rt, ctx, result)
+            yield Done(result, self.finish or "stop")
         finally:
-            if self.generation is not None and not self.generation.done():
-                rt.metrics.cancelled.inc()  # the client left (or time ran out) mid-answer
+            if self.generation is not None and not self.generation.done() and self.finish != "deadline":
+                rt.metrics.cancelled.inc()  # the client left mid-answer
             ctx.cancel.set()  # stop generating either way
+
+    def _finish(self) -> str:
+        if self.generation is None:
+            return "stop"
+        if self.generation.exception() is not None:
+            return "failed"  # said after the loop
+        return finish_reason(self.ctx, self.generation.result())
+
+    def _ending(self, model_text: GroundedSentences | None, raw: str) -> list[str] | None:
+        """What ends the answer once generation is over: the rest of the last sentence (or, when every
+        sentence was dropped, the plain facts); after a deadline stop only a whole last sentence and the
+        note, or None when nothing usable was said in time."""
+        if self.finish == "failed":
+            return []
+        if self.finish != "deadline":
+            if model_text is None:
+                return []
+            rest = model_text.flush()
+            return rest if model_text.kept else [model_text.fallback() or ""]
+        self.ctx.cancel.set()
+        self.rt.metrics.timed_out()
+        if model_text is None:  # raw deltas were streamed as they came
+            return [f" {STOPPED_EARLY}"] if raw.strip() else None
+        rest = model_text.flush() if ends_sentence(raw) else []
+        return [*rest, STOPPED_EARLY] if model_text.kept else None
 
     def _text(self, text: str) -> Text:
         self.texts.append(text)

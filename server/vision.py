@@ -122,7 +122,8 @@ class TextOnlyDescriber:
     async def _read(self, image: Image.Image, cancel: threading.Event, timeout: float | None) -> Reading | None:
         if self.reader is None:
             return None
-        return await self.reader.read(image, cancel=cancel, timeout=timeout, cleanup=False)
+        # The reader's own default clean-up: the same words /v1/read says for this photo (one code path).
+        return await self.reader.read(image, cancel=cancel, timeout=timeout)
 
     async def describe(self, image: Image.Image, *, cancel: threading.Event, timeout: float | None) -> ImageContext:
         facts = measure(image)

@@ -108,7 +108,7 @@ def test_missing_int8_tensor_is_named(ckpts, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(path, broken)
     rewrite_tensors(broken, lambda t: t.pop("model.embed_tokens.scales_int8"))
-    with pytest.raises(CheckpointError, match="model.embed_tokens.scales_int8"):
+    with pytest.raises(CheckpointError, match=r"model\.embed_tokens\.scales_int8"):
         load_quantized(broken)
 
 
@@ -125,7 +125,9 @@ def test_gather_matches_the_dequantized_table():
     torch.testing.assert_close(emb16(ids), ref.bfloat16(), rtol=0, atol=0)  # one rounding of the exact row
 
 
-@pytest.mark.parametrize(("batch", "dtype"), [(1, torch.bfloat16), (3, torch.float16), (20, torch.bfloat16), (2, torch.float32)])
+@pytest.mark.parametrize(
+    ("batch", "dtype"), [(1, torch.bfloat16), (3, torch.float16), (20, torch.bfloat16), (2, torch.float32)]
+)
 def test_tied_head_matmul_matches_the_dequantized_table(batch, dtype, monkeypatch):
     monkeypatch.setattr(int8_embedding, "CHUNK_ROWS", 48)  # several chunks, the last one short
     rows = quantize_rows(torch.randn(200, 64))
@@ -186,3 +188,16 @@ def test_quantize_model_carries_the_option_to_the_checkpoint(tmp_path):
     assert torch.equal(model.model.embed_tokens.weight, rows.dequantize())  # the model computes what is saved
     save_quantized(model, res.weights, tmp_path / "q", quant_config=cfg, embeddings=res.embeddings)
     assert open_checkpoint(tmp_path / "q").embedding_names == ["model.embed_tokens"]
+
+
+def test_cli_flag_lands_in_the_grid_config():
+    from typer.testing import CliRunner
+
+    from rpiq.commands.quantize import build_config
+
+    cfg = build_config(None, "gptq", grid={"embeddings": "int8", "bits": None})
+    assert cfg.grid.embeddings == "int8" and build_config(None, "rpiq").grid.embeddings == "none"
+    from rpiq.cli import app
+
+    help_text = CliRunner().invoke(app, ["quantize", "--help"], env={"COLUMNS": "300"}).output
+    assert "--quantize-embeddings" in help_text

@@ -32,19 +32,25 @@ router = APIRouter(
 )
 
 
-def _finish(result: Generation | None) -> str:
+def _finish(finish: str) -> str:
     """OpenAI's finish reasons: a cut-off answer (max tokens, or time ran out) is "length"."""
-    return "length" if result is not None and result.finish_reason in ("length", "cancelled") else "stop"
+    return "length" if finish in ("length", "cancelled", "deadline") else "stop"
 
 
 TRUNCATED_HEADER = "X-Rpiq-Prompt-Truncated"
+FINISH_HEADER = "X-Rpiq-Finish-Reason"
 OK_RESPONSE = {
     "content": {"text/event-stream": {}},
     "description": "chat.completion, or SSE chunks. A conversation longer than the model's prompt budget "
     "(RPIQ_MAX_PROMPT_TOKENS) keeps its system prompt and last message and drops the oldest turns (then the "
     f"middle of the longest message); the answer then carries `{TRUNCATED_HEADER}: true`, and in a stream the "
-    'finish chunk carries `"prompt_truncated": true` (an rpiq extension).',
-    "headers": {TRUNCATED_HEADER: {"description": "true when the prompt was cut to fit", "schema": {"type": "string"}}},
+    'finish chunk carries `"prompt_truncated": true` (an rpiq extension). An answer stopped by the request '
+    'deadline keeps the sentences made in time, ends with "(stopped early: out of time)" and has finish_reason '
+    f'"length" plus `{FINISH_HEADER}: deadline` (in a stream: `"rpiq_finish_reason": "deadline"`).',
+    "headers": {
+        TRUNCATED_HEADER: {"description": "true when the prompt was cut to fit", "schema": {"type": "string"}},
+        FINISH_HEADER: {"description": "deadline: stopped early, out of time", "schema": {"type": "string"}},
+    },
 }
 
 
@@ -70,16 +76,18 @@ async def chat_completions(
         stream = AnswerStream(rt, ctx, plan)
         return sse_response(stream, partial(_events, cid, created, rt.engine.name, include_usage))
 
-    async def work() -> tuple[str, Generation | None]:
+    async def work() -> tuple[str, Generation | None, str]:
         return await answer(rt, ctx, await plan_chat(rt, ctx, req, max_tokens))
 
-    text, result = await rt.guard(request, ctx, work())
+    text, result, finish = await rt.guard(request, ctx, work())
     n_prompt, n_completion = (result.prompt_tokens, result.completion_tokens) if result else (0, 0)
     if result is not None and result.prompt_truncated:
         response.headers[TRUNCATED_HEADER] = "true"
+    if finish == "deadline":
+        response.headers[FINISH_HEADER] = finish
     return ChatCompletion(
         id=cid, created=created, model=rt.engine.name,
-        choices=[{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": _finish(result)}],
+        choices=[{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": _finish(finish)}],
         usage=usage(n_prompt, n_completion),
     )  # fmt: skip
 
@@ -101,9 +109,11 @@ async def _events(
         elif isinstance(chunk, Failed):
             yield sse(None, {"error": {"code": chunk.code, "message": chunk.message}})
         elif isinstance(chunk, Done):
-            finish = _chunk(cid, created, model, {}, _finish(chunk.result))
+            finish = _chunk(cid, created, model, {}, _finish(chunk.finish_reason))
             if chunk.result is not None and chunk.result.prompt_truncated:
                 finish["prompt_truncated"] = True
+            if chunk.finish_reason == "deadline":
+                finish["rpiq_finish_reason"] = "deadline"
             yield sse(None, finish)
             if include_usage:
                 r = chunk.result

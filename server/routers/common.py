@@ -31,8 +31,8 @@ ERRORS = {
         413: "upload too large (bytes or pixels)",
         415: "wrong content type or image format",
         422: "invalid or missing field, absurd max_tokens",
-        503: "queue full (Retry-After) or model loading",
-        504: "request timed out",
+        503: "queue full or memory above the ceiling (both with Retry-After), model loading, speech unavailable",
+        504: "request timed out before anything usable was made (a partial answer is a 200, finish_reason deadline)",
     }.items()
 }
 
@@ -75,7 +75,8 @@ def rounded(timings: dict) -> dict[str, float]:
 async def speak_timed(
     rt: Runtime, ctx: RequestCtx, text: str, opts: SpeechOptions, timings: dict, voice: str | None = None
 ) -> Audio:
-    """`text` spoken with the request's voice (or `voice`), rate and volume; its time goes into `timings`."""
+    """`text` spoken with `voice` (`speech_voice`'s choice; else the request's), the request's rate and
+    volume; its time goes into `timings`."""
     t0 = time.perf_counter()
     audio = await rt.speech.speak(text, rate=opts.rate, voice=voice or opts.voice, volume=opts.volume,
                                   cancel=ctx.cancel, timeout=ctx.remaining())  # fmt: skip
@@ -83,10 +84,18 @@ async def speak_timed(
     return audio
 
 
-def pick_voice(rt: Runtime, voice: str | None, language: str | None) -> str | None:
-    """The requested voice; else one for the answer language; else the server default."""
-    if voice:
-        return voice
+def speech_voice(rt: Runtime, opts: SpeechOptions, wanted: bool, language: str | None = None) -> str | None:
+    """Checked before any work, so a bad option never costs an OCR pass or a generation: a voice no
+    espeak-ng voice matches is a 422 at once, and speech that is `wanted` but unavailable a 503 at once.
+    The voice to speak with: the requested one; else one for the answer `language`; else None (the
+    server default)."""
+    status = rt.components.get("speech", "")
+    if wanted and status.startswith("unavailable"):
+        raise ApiError(503, "speech_unavailable", f"Speech is {status}.")
+    if opts.voice:
+        if rt.speech.voices:
+            rt.speech.resolve_voice(opts.voice)  # 422 unknown_voice
+        return opts.voice
     if language and rt.speech.voices:
         try:
             return rt.speech.resolve_voice(language)

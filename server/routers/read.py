@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import time
-
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
+from PIL import Image
 
-from ..assist import audio_json, load_image
+from ..assist import audio_json, with_photo
 from ..deps import AcceptsWav, RuntimeDep, require_api_key, require_ready
 from ..errors import ApiError
-from ..images import measure
+from ..images import ImageFacts, measure
 from ..prompts import NO_TEXT
+from ..reading import Reading
 from ..schemas import ReadJson, ReadOptions, ReadResponse
 from ..uploads import parse_image_request
-from .common import ERRORS, image_body, rounded, speak_timed, wav_response
+from .common import ERRORS, image_body, rounded, speak_timed, speech_voice, wav_response
 
 router = APIRouter(tags=["assist"], dependencies=[Depends(require_api_key), Depends(require_ready)])
 
@@ -28,22 +28,24 @@ router = APIRouter(tags=["assist"], dependencies=[Depends(require_api_key), Depe
 )
 async def read(request: Request, rt: RuntimeDep, as_wav: AcceptsWav) -> Response | ReadResponse:
     image_bytes, opts = await parse_image_request(request, ReadOptions, rt.settings.max_upload_bytes)
+    voice = speech_voice(rt, opts, opts.speak or as_wav)
     if rt.reader is None:
         raise ApiError(503, "ocr_unavailable", f"No OCR engine is available: {rt.components.get('ocr')}")
     ctx = rt.context(opts.timeout_s)
     cleanup = rt.settings.ocr_cleanup if opts.cleanup is None else opts.cleanup
 
+    async def read_photo(image: Image.Image) -> tuple[ImageFacts, Reading]:
+        return measure(image), await rt.reader.read(image, cancel=ctx.cancel, timeout=ctx.remaining(),
+                                                    cleanup=cleanup)  # fmt: skip
+
     async def work() -> dict:
-        t0 = time.perf_counter()
-        image = await load_image(rt, image_bytes)
-        facts = measure(image)
-        timings = {"decode_s": time.perf_counter() - t0}
-        reading = await rt.reader.read(image, cancel=ctx.cancel, timeout=ctx.remaining(), cleanup=cleanup)
+        (facts, reading), decode_s = await with_photo(rt, ctx, image_bytes, read_photo)
+        timings = {"decode_s": decode_s}
         timings.update(reading.timings)
         audio = None
         if opts.speak or as_wav:
             spoken = " ".join([*facts.sentences(), reading.text.replace("\n", ". ") if reading.text else NO_TEXT])
-            audio = await speak_timed(rt, ctx, spoken, opts, timings)
+            audio = await speak_timed(rt, ctx, spoken, opts, timings, voice)
         timings["total_s"] = ctx.elapsed()
         return {"reading": reading, "facts": facts, "audio": audio, "timings": timings}
 

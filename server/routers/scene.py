@@ -7,17 +7,15 @@ fastest and most trustworthy answer to "what is in front of me?" on the default 
 
 from __future__ import annotations
 
-import time
-
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from ..assist import audio_json, describe, join_answer, load_image, spoken_description
+from ..assist import audio_json, describe, join_answer, spoken_description, with_photo
 from ..deps import AcceptsWav, RuntimeDep, require_api_key, require_ready
 from ..perception import Scene
 from ..schemas import SceneJson, SceneOptions, SceneResponse
 from ..uploads import parse_image_request
-from .common import ERRORS, image_body, rounded, speak_timed, wav_response
+from .common import ERRORS, image_body, rounded, speak_timed, speech_voice, wav_response
 
 SCENE_FIELDS = {"objects", "people", "labels", "colours", "centre_colours", "light", "codes", "blank", "errors"}
 router = APIRouter(tags=["assist"], dependencies=[Depends(require_api_key), Depends(require_ready)])
@@ -32,16 +30,14 @@ router = APIRouter(tags=["assist"], dependencies=[Depends(require_api_key), Depe
 )
 async def scene(request: Request, rt: RuntimeDep, as_wav: AcceptsWav) -> Response | SceneResponse:
     image_bytes, opts = await parse_image_request(request, SceneOptions, rt.settings.max_upload_bytes)
+    voice = speech_voice(rt, opts, opts.speak or as_wav)
     ctx = rt.context(opts.timeout_s)
 
     async def work() -> dict:
-        t0 = time.perf_counter()
-        image = await load_image(rt, image_bytes)
-        timings = {"decode_s": time.perf_counter() - t0}
-        context = await describe(rt, ctx, image)
-        timings.update(context.timings)
+        context, decode_s = await with_photo(rt, ctx, image_bytes, lambda image: describe(rt, ctx, image))
+        timings = {"decode_s": decode_s, **context.timings}
         summary = join_answer(" ".join(context.facts.sentences()), spoken_description(context))
-        audio = await speak_timed(rt, ctx, summary, opts, timings) if opts.speak or as_wav else None
+        audio = await speak_timed(rt, ctx, summary, opts, timings, voice) if opts.speak or as_wav else None
         timings["total_s"] = ctx.elapsed()
         return {"context": context, "summary": summary, "audio": audio, "timings": timings}
 

@@ -11,14 +11,14 @@ from functools import partial
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from ..assist import Plan, answer, audio_json, check_max_tokens, describe, load_image, plan_vqa
+from ..assist import Plan, answer, audio_json, check_max_tokens, describe, plan_vqa, with_photo
 from ..deps import AcceptsWav, RuntimeDep, require_api_key, require_ready
 from ..runtime import RequestCtx, Runtime
 from ..schemas import VqaJson, VqaOptions, VqaResponse
 from ..speech import Audio
 from ..streaming import AnswerStream, Chunk, Failed, Spoken, Text, sse, sse_response
 from ..uploads import parse_image_request
-from .common import ERRORS, image_body, pick_voice, rounded, speak_timed, wav_response
+from .common import ERRORS, image_body, rounded, speak_timed, speech_voice, wav_response
 
 router = APIRouter(tags=["assist"], dependencies=[Depends(require_api_key), Depends(require_ready)])
 log = logging.getLogger("rpiq.server")
@@ -42,16 +42,14 @@ async def vqa(request: Request, rt: RuntimeDep, as_wav: AcceptsWav) -> Response 
     length = opts.length or rt.settings.answer_length
     language = opts.language or rt.settings.language
     max_tokens = check_max_tokens(rt, opts.max_tokens, length)
-    ctx = rt.context(opts.timeout_s)
-    voice = pick_voice(rt, opts.voice, opts.language)
+    speaking = opts.speak or as_wav
+    voice = speech_voice(rt, opts, speaking, opts.language)  # every option checked before the photo is touched
+    ctx = rt.context(opts.timeout_s, speaking=speaking)
     speech_kw = {"rate": opts.rate, "voice": voice, "volume": opts.volume}
 
     async def prepare() -> tuple[Plan, dict]:
-        t0 = time.perf_counter()
-        image = await load_image(rt, image_bytes)
-        timings = {"decode_s": time.perf_counter() - t0}
-        context = await describe(rt, ctx, image)
-        timings.update(context.timings)
+        context, decode_s = await with_photo(rt, ctx, image_bytes, lambda image: describe(rt, ctx, image))
+        timings = {"decode_s": decode_s, **context.timings}
         return plan_vqa(rt, context, opts.question, length=length, language=language, max_tokens=max_tokens), timings
 
     if opts.stream:
@@ -66,7 +64,7 @@ async def vqa(request: Request, rt: RuntimeDep, as_wav: AcceptsWav) -> Response 
     async def work() -> dict:
         plan, timings = await prepare()
         t1 = time.perf_counter()
-        text, result = await answer(rt, ctx, plan)
+        text, result, finish = await answer(rt, ctx, plan)
         if result is not None:
             timings.update(generate_s=time.perf_counter() - t1, completion_tokens=result.completion_tokens,
                            tokens_per_s=result.tokens_per_second)  # fmt: skip
@@ -74,8 +72,7 @@ async def vqa(request: Request, rt: RuntimeDep, as_wav: AcceptsWav) -> Response 
         if opts.speak or as_wav:
             audio = await speak_timed(rt, ctx, text, opts, timings, voice)
         timings["total_s"] = ctx.elapsed()
-        return {"plan": plan, "answer": text, "audio": audio, "timings": timings,
-                "finish": result.finish_reason if result else "stop"}  # fmt: skip
+        return {"plan": plan, "answer": text, "audio": audio, "timings": timings, "finish": finish}
 
     out = await rt.guard(request, ctx, work())
     if rt.settings.log_content:
@@ -99,7 +96,8 @@ async def _events(
     rt: Runtime, ctx: RequestCtx, stream: AnswerStream, timings: dict, chunks: AsyncIterator[Chunk]
 ) -> AsyncIterator[str]:
     """SSE: `start`, then `delta` text events, `audio` events (one WAV per sentence, in order), `done`;
-    `error` for a sentence that could not be spoken, or (last) when time ran out or generation failed."""
+    `error` for a sentence that could not be spoken, or (last) when time ran out before anything usable was
+    said or generation failed. An answer stopped by the deadline ends with `done`, finish_reason "deadline"."""
     c = stream.plan.context
     yield sse("start", {"model": rt.engine.name, "model_can_see": c.can_see, "text_in_image": c.text,
                         "image": c.facts.as_dict()})  # fmt: skip
@@ -119,5 +117,5 @@ async def _events(
             timings["total_s"] = ctx.elapsed()
             if stream.first_audio_s is not None:
                 timings["time_to_first_audio_s"] = stream.first_audio_s
-            yield sse("done", {"answer": stream.answer, "finish_reason": r.finish_reason if r else "stop",
+            yield sse("done", {"answer": stream.answer, "finish_reason": chunk.finish_reason,
                                "model": rt.engine.name, "timings": rounded(timings), **usage})  # fmt: skip

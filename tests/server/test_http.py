@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 
 import httpx
 import pytest
@@ -109,6 +110,18 @@ def test_speak_rate_voice_volume_change_the_audio(client):
 )
 def test_speak_errors(client, kwargs, status, code):
     _error(client.post("/v1/speak", **kwargs), status, code)
+
+
+@pytest.mark.parametrize("route", ["/v1/vqa", "/v1/read", "/v1/scene"])
+def test_a_bad_voice_is_422_before_the_photo_is_read(client, sign_png, route):
+    """Options are checked before OCR, perception or generation (a bad voice was a 504 after a generation)."""
+    tokens = lambda: re.search(r"^rpiq_generated_tokens_total (\S+)$", client.get("/metrics").text, re.M).group(1)  # noqa: E731
+    before = tokens()
+    r = client.post(route, files={"image": ("sign.png", sign_png, "image/png")},
+                    data={"question": "Why might this be here?", "voice": "klingon-xx", "speak": "true",
+                          "max_tokens": "400"})  # fmt: skip
+    _error(r, 422, "unknown_voice")
+    assert "ocr_s" not in r.text and tokens() == before
 
 
 # --- /v1/read --------------------------------------------------------------------------------------------

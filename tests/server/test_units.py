@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from server.assist import plan_vqa
-from server.cleanup import choose, repair_candidate, same_characters
+from server.cleanup import clean_line, same_characters
 from server.errors import ApiError
 from server.grounding import filter_answer, grounded, is_read_request, read_answer
 from server.images import ImageLimits, decode_image, measure
@@ -66,18 +66,16 @@ def test_reading_order_rows_then_left_to_right():
 
 
 def test_space_repair_only_inserts_spaces():
-    vocab = frozenset({"histogram", "of", "grey", "values", "region", "based", "segmentation", "a", "i"})
-    assert repair_candidate("histogram ofgreyvalues:", vocab) == "histogram of grey values:"
-    assert repair_candidate("background.These markers", vocab) == "background. These markers"
-    assert repair_candidate("Region-basedsegmentation", vocab) == "Region-based segmentation"
-    assert repair_candidate("already fine", vocab) is None
-    assert repair_candidate("xqzvwkjplm", vocab) is None  # no split into words: left alone
+    assert clean_line("histogram ofgreyvalues:") == "histogram of grey values:"
+    assert clean_line("background.These markers") == "background. These markers"
+    assert clean_line("Region-basedsegmentation") == "Region-based segmentation"
+    assert clean_line("already fine") == "already fine"
+    assert clean_line("xqzvwkjplm") == "xqzvwkjplm"  # no split into words: left alone
+    for line in ("ofgreyvalues", "themarkers arefound", "a.b", "NOPARKING 24h"):
+        assert same_characters(line, clean_line(line))  # spaces only: no word can be invented
     for a, b in [("ofgreyvalues", "of grey values"), ("a.b", "a. b")]:
         assert same_characters(a, b)
     assert not same_characters("cat", "cart")
-    lines, cands = ["ofgreyvalues", "keep"], ["of grey values", None]
-    assert choose(lines, cands, {"ofgreyvalues": -30.0, "of grey values": -12.0}) == ["of grey values", "keep"]
-    assert choose(lines, cands, {"ofgreyvalues": -5.0, "of grey values": -12.0}) == ["ofgreyvalues", "keep"]
 
 
 def test_sentence_splitter_and_speakable():
