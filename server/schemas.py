@@ -35,7 +35,9 @@ class VqaJson(VqaOptions):
 
 class ReadOptions(SpeechOptions):
     speak: bool = False
-    cleanup: bool | None = Field(None, description="LM-chosen space repair of OCR lines (never changes letters)")
+    cleanup: bool | None = Field(
+        None, description="space repair of OCR lines by word segmentation (only inserts spaces, never changes letters)"
+    )
     timeout_s: float | None = Field(None, gt=0)
 
 

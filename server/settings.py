@@ -106,7 +106,7 @@ class ServerSettings(BaseSettings):
 
     # --- OCR ---
     ocr_engine: Literal["rapidocr", "tesseract", "none"] = "rapidocr"
-    ocr_cleanup: bool = Field(True, description="let the LM pick between space repairs of OCR lines")
+    ocr_cleanup: bool = Field(True, description="split glued words in OCR lines (inserts spaces only)")
 
     # --- speech ---
     voice: str = Field("en", description="espeak-ng voice id or language, e.g. en, en-us, fr, gmw/en-US")

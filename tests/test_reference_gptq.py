@@ -1,6 +1,7 @@
-"""The reference-library GPTQ baseline (benchmarks/reference_gptq.py, llm-compressor in .venv-ref).
+"""The reference-library GPTQ baselines: llm-compressor (benchmarks/reference_gptq.py, in .venv-ref)
+and GPTQModel v1 / v2 (benchmarks/gptqmodel_worker.py, in .venv-gptqmodel).
 
-Runs only where `bash scripts/install_reference.sh` has created .venv-ref; skipped, saying so,
+Each runs only where `bash scripts/install_reference.sh [gptqmodel]` has created its venv; skipped, saying so,
 elsewhere. A quick run (2 x 128 calibration tokens, 2 x 128 evaluation tokens, ~1-2 min on 2 cores).
 """
 
@@ -78,3 +79,47 @@ def test_reference_gptq_quick_run(ref_python, default_model_dir, tmp_path):
     assert row["versions"]["llmcompressor"] == "0.14.0.1"
     assert row["settings"]["dampening_frac"] == 0.01 and row["settings"]["actorder"] is None
     assert row["settings"]["symmetric"] is False and row["settings"]["block_size"] == 128
+
+
+# --------------------------------------------------------------------------- GPTQModel (v1 GPTQ, v2 GPTAQ)
+
+GPTQMODEL_PYTHON = ROOT / ".venv-gptqmodel" / "bin" / "python"
+GPTQMODEL_SCRIPT = ROOT / "benchmarks" / "gptqmodel_worker.py"
+
+
+@pytest.fixture(scope="module")
+def gptqmodel_python() -> Path:
+    if not GPTQMODEL_PYTHON.exists():
+        pytest.skip(f"{GPTQMODEL_PYTHON} does not exist: run `bash scripts/install_reference.sh gptqmodel`")
+    return GPTQMODEL_PYTHON
+
+
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_gptqmodel_quick_run_on_cpu(gptqmodel_python, default_model_dir, tmp_path, variant):
+    """GPTQModel quantizes on the CPU, on our windows; its checkpoint, dequantized into our model,
+    scores like its own modules, and every checked (row, group) holds at most 2**bits levels."""
+    out = tmp_path / "gptqmodel.json"
+    cmd = [
+        str(gptqmodel_python), str(GPTQMODEL_SCRIPT), "--variant", variant, "--model", str(default_model_dir),
+        "--bits", "4", "--group-size", "128", "--nsamples", str(QUICK["nsamples"]), "--seqlen", str(QUICK["seqlen"]),
+        "--seed", "0", "--eval", "heldout", "--eval-seqlen", str(QUICK["eval_seqlen"]),
+        "--eval-windows", str(QUICK["eval_windows"]), "--eval2", "calib", "--fp-ppl", "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=generous(900))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    row = json.loads(out.read_text())
+
+    fp = _fp_ppl(default_model_dir)
+    assert row["fp_ppl_this_env"] == pytest.approx(fp, rel=1e-3)  # same model, same windows, same code
+    assert math.isfinite(row["ppl"]) and fp < row["ppl"] < 3 * fp, (row["ppl"], fp)
+    assert row["eval2"] == "calib" and math.isfinite(row["ppl_eval2"])
+    assert row["grid_check"]["passed"], row["grid_check"]
+    for m in row["grid_check"]["modules"].values():
+        assert m["max_distinct_per_group"] <= 16 and m["fraction_weights_changed"] > 0.5
+    assert row["calibration_check"]["passed"], row["calibration_check"]
+    assert row["quantized_linears"]["not_quantized"] == ["lm_head"]
+    # The library's own (bf16) forward on its loaded checkpoint agrees with our float32 copy.
+    assert row["library_forward_check"]["relative_difference"] < 0.05, row["library_forward_check"]
+    assert row["method"] == f"gptqmodel-{variant}" and row["versions"]["gptqmodel"] == "7.7.0"
+    assert row["settings"]["gptaq_alpha"] == (0.25 if variant == "v2" else None)
+    assert row["settings"]["damp_percent"] == 0.01 and row["settings"]["symmetric"] is False

@@ -1,4 +1,5 @@
-"""The evidence report's --quick mode, as CI runs it: files written, and 3-bit RTN worse than GPTQ."""
+"""The evidence report: its --quick mode as CI runs it (files written, 3-bit RTN worse than GPTQ), and
+its summaries, verdicts and Markdown on made-up rows (reference-library rows included)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,61 @@ import pytest
 
 from tests.limits import generous
 
-pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))  # report.py imports its siblings (memory, report_summary)
+
+import report  # noqa: E402
+import report_summary  # noqa: E402
 
 
+def _rows() -> list[dict]:
+    """FP, and 3-bit rows whose held-out perplexities are known: ours GPTQ 85, GPTQModel v1 86 and
+    v2 70, llm-compressor 88, RPIQ 56 (three seeds each, spread +-1)."""
+    rows = [{"grid": "fp", "method": "fp", "seed": 0, "ppl_heldout": 38.0, "ppl_code": 8.0}]
+    for method, ppl in {"gptq": 85, "gptqmodel-v1": 86, "gptqmodel-v2": 70, "gptq-ref": 88, "rpiq": 56}.items():
+        for seed, d in enumerate((-1, 0, 1)):
+            row = {"grid": "w3g128", "method": method, "seed": seed, "ppl_heldout": ppl + d, "ppl_code": ppl / 2 + d}
+            if not method.startswith("gptq-") and not method.startswith("gptqmodel"):
+                row["bits_per_weight"] = 3.16
+            rows.append(row)
+    return rows
+
+
+def test_summary_verdicts_and_markdown_hold_the_reference_library_rows():
+    assert set(report.REFERENCES) <= set(report_summary.METHODS)  # every reference row has a label and a plot
+    rows = _rows()
+    summary = report_summary.summarize(rows, ["heldout", "code"])
+    by = {s["method"]: s for s in summary}
+    assert by["gptqmodel-v2"]["ppl_heldout"] == pytest.approx(70) and by["gptqmodel-v2"]["runs"] == 3
+    assert by["gptqmodel-v2"]["bits_per_weight"] == 3.16  # the same stored grid as ours
+    lines = report_summary.verdicts(summary, ["heldout", "code"])
+    # Against the best public GPTQ (GPTQModel v2 here, 70 < 86 < 88), not the weakest.
+    best = [v for v in lines if "best public" in v and v.startswith("w3g128, heldout: RPIQ, sequential")]
+    assert best == [
+        "w3g128, heldout: RPIQ, sequential gap to FP +18.00 vs best public GPTQ v2 / GPTAQ (GPTQModel) +32.00 "
+        "(44% smaller); seed spread (std) up to 1.00"
+    ], lines
+    assert any(v.startswith("w3g128, heldout: GPTQ (ours) gap to FP +47.00 vs best public GPTQ v2") for v in lines)
+    meta = {
+        "date": "2026-12-01", "command": "python benchmarks/report.py --append", "machine": "x", "versions": "v",
+        "evals": ["heldout", "code"], "nsamples": 32, "seqlen": 512, "seeds": [0, 1, 2], "eval_seqlen": 512,
+        "eval_windows": 8, "model": "m", "notes": ["Earlier parts: by hand."],
+        "history": ["python benchmarks/report.py", "python benchmarks/report.py --append"],
+    }  # fmt: skip
+    md = report_summary.markdown({"rows": rows, "summary": summary, "verdicts": lines, "meta": meta})
+    assert "| w3g128 | GPTQ v2 / GPTAQ (GPTQModel) | 3 | 3.16 | 70.00 (69.00..71.00) |" in md
+    assert "| w3g128 | GPTQ (GPTQModel v1) | 3 |" in md
+    assert "Earlier parts: by hand." in md and "2. `python benchmarks/report.py --append`" in md
+
+
+def test_reference_rows_are_skipped_when_their_venv_is_missing(monkeypatch, tmp_path):
+    missing = tmp_path / "no-venv" / "bin" / "python"
+    monkeypatch.setitem(report.REFERENCES, "gptqmodel-v2", (missing, report.GPTQMODEL_SCRIPT, [], "install"))
+    job = {"method": "gptqmodel-v2", "model": "m", "bits": 3, "group_size": 128, "seed": 0}
+    assert report.reference_job(job) is None
+
+
+@pytest.mark.slow
 def test_quick_report_writes_json_markdown_plot_and_orders_rtn_above_gptq(tmp_path, default_model_dir):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "report.py"), "--quick", "--out-dir", str(tmp_path)],

@@ -188,16 +188,20 @@ class TinygemmCUDALinear(_Tinygemm):
         return torch.ops.aten._weight_int4pack_mm(x, self.packed, self.kernel_group, self.scale_and_zero)
 
 
+# GemLite (Triton, optional extra `gpu`) subclasses QuantLinear, so it is imported once that exists;
+# the module itself is plain torch and imports the library only when a layer is packed on CUDA.
+from .gemlite_kernel import GemliteLinear  # noqa: E402
+
 KERNELS: dict[str, type[QuantLinear]] = {
-    cls.kernel: cls for cls in (TinygemmCUDALinear, TinygemmCPULinear, DequantLinear)
+    cls.kernel: cls for cls in (GemliteLinear, TinygemmCUDALinear, TinygemmCPULinear, DequantLinear)
 }
 # The names a user may pick (CLI options, server settings): "auto" or one kernel above.
-KernelName = Literal["auto", "tinygemm-cuda", "tinygemm-cpu", "dequant"]
+KernelName = Literal["auto", "tinygemm-cuda", "tinygemm-cpu", "dequant", "gemlite"]
 KERNEL_CHOICES: tuple[str, ...] = get_args(KernelName)
 assert set(KERNEL_CHOICES) == {"auto", *KERNELS}, "KernelName must list every kernel"
 # Fastest first; `auto` takes the first one that can run on the device and represent the layer.
 _AUTO_ORDER: dict[str, tuple[str, ...]] = {
-    "cuda": ("tinygemm-cuda", "dequant"),
+    "cuda": ("gemlite", "tinygemm-cuda", "dequant"),  # gemlite only where the library imports
     "cpu": ("tinygemm-cpu", "dequant"),
 }
 
