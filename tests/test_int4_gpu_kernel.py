@@ -28,7 +28,12 @@ import torch
 
 from gptq_format import QuantizedWeight
 from models.int4 import KERNEL_CHOICES, KERNELS, DequantLinear, GemliteLinear, KernelUnavailableError, kernel_for
-from models.int4.gemlite_kernel import dequantize_gemlite_layout, gemlite_layout, unsupported_reason
+from models.int4.gemlite_kernel import (
+    META_TAIL_COLUMNS,
+    dequantize_gemlite_layout,
+    gemlite_layout,
+    unsupported_reason,
+)
 from quantizer.config import GPTQConfig, GridConfig, quant_config
 from quantizer.layer import quantize_weight
 
@@ -189,19 +194,25 @@ def kernel_device() -> torch.device:
     return CPU
 
 
-def test_library_packing_round_trips_bit_exactly(case, kernel_device):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_library_packing_round_trips_bit_exactly(case, dtype, kernel_device):
     """GemLite's int32 packing, unpacked by GemLite's own unpacker, gives back our codes/scales/zeros."""
     from gemlite.bitpack import unpack_over_cols_torch
 
     _, qw = case
     layout = gemlite_layout(qw)
-    layer = GemliteLinear.from_weight(qw, None, kernel_device, torch.float16)
+    layer = GemliteLinear.from_weight(qw, None, kernel_device, dtype)
     assert layer.w_group_mode == 3 and layer.meta_args[9] == 0  # grouped (q - z) * s, no channel scale
     assert layer.qweight.dtype == torch.int32 and layer.qweight.shape == (layout.in_padded * qw.bits // 32, qw.shape[0])
     codes = unpack_over_cols_torch(layer.qweight.t().contiguous(), qw.bits, layout.in_padded).cpu()
     assert torch.equal(codes, layout.codes)
-    assert torch.equal(layer.scales.t().cpu(), layout.scales.half())
-    assert torch.equal(layer.zeros.t().cpu(), layout.zeros.half())
+    groups = layout.scales.shape[1]
+    assert layer.scales.dtype == dtype and layer.zeros.dtype == dtype
+    assert torch.equal(layer.scales.t()[:, :groups].cpu(), layout.scales.to(dtype))
+    assert torch.equal(layer.zeros.t()[:, :groups].cpu(), layout.zeros.to(dtype))
+    # Past the real groups: zero groups that GemLite's unmasked split-K tail loads read as 0, never NaN.
+    assert (layer.scales.shape[0] * layout.group) % META_TAIL_COLUMNS == 0
+    assert not layer.scales[groups:].any() and not layer.zeros[groups:].any()
 
 
 def _check_against_reference(layer: GemliteLinear, qw: QuantizedWeight, dtype: torch.dtype, rows: int) -> None:
@@ -226,6 +237,9 @@ def test_kernel_matches_reference_fp16(name, rows, kernel_device):
     _check_against_reference(GemliteLinear.from_weight(qw, None, kernel_device, torch.float16), qw, torch.float16, rows)
 
 
+# bf16 runs only on a GPU: under TRITON_INTERPRET=1 (triton 3.9, gemlite 0.6.0.post2) the bf16 GEMV
+# returns NaN/1e37 garbage for any shape, while the same kernels in fp16 match; not resolved here.
+@pytest.mark.cuda
 @pytest.mark.parametrize("name", ["g64_act_order", "per_channel"])
 def test_kernel_matches_reference_bf16_with_bias(name, kernel_device):
     qw = quantized_layer(**LAYER_CASES[name])

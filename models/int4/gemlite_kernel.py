@@ -51,6 +51,13 @@ K_MULTIPLE = 32  # GemLite's minimum K granularity
 KERNEL_GROUP_SIZES = (128, 64, 32, 16)  # 16 is GemLite's smallest group
 GROUPED_ASYMMETRIC_MODE = 3  # GemLite's W_group_mode for (q - zero) * scale
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16)
+# GemLite's split-K loops run over ceil(K / (BLOCK_K * SPLIT_K)) blocks and load each block's
+# scale/zero row without a mask, so where K is no multiple of that (4864, 11008: common) the last
+# blocks read up to BLOCK_K * SPLIT_K (<= 128 * 8 in its configs) columns' worth of groups past
+# the end of the arrays. Their activations are masked to 0, but 0 * (garbage NaN/Inf) = NaN
+# (reproduced under Triton's interpreter). Padding scales/zeros with zero groups up to a multiple
+# of this many columns (twice that bound) makes those reads finite zeros.
+META_TAIL_COLUMNS = 2048
 
 
 @dataclass
@@ -217,10 +224,11 @@ class GemliteLinear(QuantLinear):
             input_dtype=lib_dtype,
             output_dtype=lib_dtype,
         )
+        tail = (_round_up(layout.in_padded, META_TAIL_COLUMNS) - layout.in_padded) // layout.group
         lib.pack(
             layout.codes.to(device),
-            layout.scales.to(device=device, dtype=dt),
-            layout.zeros.to(device=device, dtype=dt),
+            F.pad(layout.scales, (0, tail)).to(device=device, dtype=dt),
+            F.pad(layout.zeros, (0, tail)).to(device=device, dtype=dt),
             fma_mode=False,  # keep (q - z) * s: the fma mode would store -z * s, rounded
         )
         w_q, scales, zeros, meta_scale = (t.detach() for t in lib.get_tensor_args())
