@@ -18,7 +18,11 @@ between engines so that a busy neighbour on the CPU slows all of them alike:
     python benchmarks/vs_llamacpp.py --threads 2 --runs 3
     python benchmarks/vs_llamacpp.py --model gemma         # Gemma-3-270M (Q4_K_M GGUF), optional
 
-Prints a table (medians over runs) with the rpiq / llama.cpp ratios and saves
+On a CPU shared with other jobs, prefer ``--threads 1``: with every core busy, a descheduled
+thread stalls the others at each barrier of a multi-threaded pool (OpenMP in both engines), and
+2-thread numbers then measure the neighbours. The fastest-run table estimates an idle machine.
+
+Prints a table (medians over runs, and the fastest run) with the rpiq / llama.cpp ratios and saves
 benchmarks/results/vs_llamacpp.json (every run's raw numbers included).
 """
 
