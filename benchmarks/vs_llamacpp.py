@@ -48,7 +48,7 @@ MODELS = {
     "smollm2": {"gguf": CACHE / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf", "prefix": "smollm2"},
     "gemma": {"gguf": CACHE / "gguf" / "gemma-3-270m-q4_k_m.gguf", "prefix": "gemma3-270m"},
 }
-ENGINES = ("llama.cpp", "int4", "int4+emb8", "bf16")
+ENGINES = ("llama.cpp", "int4", "int4+emb8", "int4+emb8 compiled", "bf16")
 
 
 # --------------------------------------------------------------------------- workers (one process each)
@@ -135,6 +135,8 @@ def rpiq_worker(job: dict) -> dict:
     model, _, _ = load_for_inference(job["path"], dtype=dtype)
     load_s = time.perf_counter() - t0
     state: dict = {}
+    if job["engine"].endswith(" compiled"):  # static KV cache + torch.compile'd decode step
+        return _rpiq_compiled(model, job, rss_base, load_s)
 
     @torch.inference_mode()
     def prefill(ids: list[int]) -> int:
@@ -151,6 +153,43 @@ def rpiq_worker(job: dict) -> dict:
     row = _measure(prefill, step, job, rss_base, load_s)
     row["weight_mb"] = model_weight_bytes(model) / 2**20
     row["kernels"] = getattr(model, "int4_kernels", {})
+    return row
+
+
+def _rpiq_compiled(model, job: dict, rss_base: float, load_s: float) -> dict:
+    """`rpiq_worker` through `models.fast_decode`: eager prefill into a static cache, compiled steps."""
+    import torch
+
+    from models import fast_decode
+    from models.int4 import model_weight_bytes
+
+    longest = max(len(job["prompt"]), len(job["long_prompt"])) + job["new_tokens"] + 1
+    cache = fast_decode.static_cache(model, fast_decode.cache_length(model, longest))
+    forward = fast_decode.compiled_forward(model)
+    state = {"pos": 0}
+
+    @torch.inference_mode()
+    def prefill(ids: list[int]) -> int:
+        cache.reset()
+        out = model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True, logits_to_keep=1)
+        state["pos"] = len(ids)
+        return int(out.logits[0, -1].argmax())
+
+    @torch.inference_mode()
+    def step(tok: int) -> int:
+        pos = torch.tensor([state["pos"]])
+        out = forward(
+            input_ids=torch.tensor([[tok]]), cache=cache, use_cache=True, cache_position=pos, position_ids=pos[None]
+        )
+        state["pos"] += 1
+        return int(out.logits[0, -1].argmax())
+
+    t0 = time.perf_counter()
+    _timed_generation(prefill, step, job["prompt"][:16], 2)  # compiles the decode step
+    compile_s = time.perf_counter() - t0
+    row = _measure(prefill, step, job, rss_base, load_s)
+    row.update(weight_mb=model_weight_bytes(model) / 2**20, kernels=getattr(model, "int4_kernels", {}))
+    row["compile_s"] = compile_s
     return row
 
 
@@ -323,8 +362,9 @@ def main() -> None:
         "bf16": str(fp_dir),
     }
     for engine, emb in (("int4", "none"), ("int4+emb8", "int8")):
-        if engine in engines:
+        if engine in engines or f"{engine} compiled" in engines:
             paths[engine] = in_child(_ensure_checkpoint_job, (str(paths[engine]), False, emb, str(fp_dir)))
+    paths["int4+emb8 compiled"] = paths["int4+emb8"]
     prompt, long_prompt = _prompts(fp_dir, args.prompt_tokens, args.long_prompt_tokens)
     base = {"threads": args.threads, "prompt": prompt, "long_prompt": long_prompt, "new_tokens": args.new_tokens}
     runs: list[dict] = []

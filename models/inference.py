@@ -38,6 +38,7 @@ class GenerationOptions:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
+    compile: bool = False  # decode through a static KV cache and a torch.compile'd step (`models.fast_decode`)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -271,6 +272,10 @@ def generate(
     kw = options.generate_kwargs()
     if options.stop:
         kw.update(stop_strings=list(options.stop), tokenizer=tok)
+    if options.compile:
+        from .fast_decode import decode_kwargs
+
+        kw.update(decode_kwargs(model, inputs, options.max_new_tokens))
     out = model.generate(
         **inputs,
         **kw,

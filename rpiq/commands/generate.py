@@ -25,6 +25,9 @@ def generate(
         str, typer.Option(help="int4 kernel for checkpoints: auto, tinygemm-cpu, tinygemm-cuda, dequant")
     ] = "auto",
     stream: Annotated[bool, typer.Option(help="print tokens as they are generated")] = True,
+    compile: Annotated[
+        bool, typer.Option("--compile", help="static KV cache + torch.compile'd decode step (compiles first)")
+    ] = False,
 ) -> None:
     """Generate text with a full-precision model or an int4 checkpoint (on int4 kernels)."""
     from gptq_format import CheckpointError
@@ -36,7 +39,9 @@ def generate(
     if kernel not in KERNEL_CHOICES:
         _fail(f"--kernel {kernel!r} is not one of {', '.join(KERNEL_CHOICES)}")
     try:
-        options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        options = GenerationOptions(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, compile=compile
+        )
         m, tok, _ = load_for_inference(model, device=device, kernel=kernel)
     except (ValueError, ModelLoadError, CheckpointError, KernelUnavailableError, OSError) as e:
         _fail(str(e))
