@@ -7,7 +7,7 @@ import torch
 
 from models.loading import load_fp_model
 from quantizer.adapters import get_adapter
-from quantizer.config import GridConfig, quant_config
+from quantizer.config import CalibrationConfig, GridConfig, quant_config
 from quantizer.data import calibration_windows, evaluation_windows, load_text
 from quantizer.evaluate import perplexity
 from quantizer.layer import layer_loss, quantize_weight
@@ -66,3 +66,45 @@ def test_whole_model_perplexity_ordering_fp_gptq_rtn(real):
         model.load_state_dict(state)
     assert 20 < ppl_fp < 50  # a real language model on Austen (measured 37.4 on these windows)
     assert ppl_fp < ppl_gptq < ppl_rtn, (ppl_fp, ppl_gptq, ppl_rtn)
+
+
+def _quantize_first_layers(model, calib, cfg, n_layers: int) -> None:
+    """Quantize only decoder layers [0, n_layers) in place; the rest stay full precision.
+
+    Sequential calibration only ever looks at the layers up to the one it quantizes, so running it on
+    the first `n_layers` alone gives those layers exactly what a whole-model run would give them."""
+    layers = model.model.layers
+    model.model.layers = torch.nn.ModuleList(list(layers)[:n_layers])
+    try:
+        quantize_model(model, calib, cfg, progress=False)
+    finally:
+        model.model.layers = layers
+
+
+def test_first_layers_perplexity_ordering_rpiq_below_gptq_below_rtn_at_3_bits(real):
+    """The report's quality ordering on held-out prose at 3 bits (RPIQ < GPTQ < RTN), at a budget a
+    test can afford: the first 4 decoder layers, 32 x 256 calibration tokens, 4 x 256 held-out tokens.
+
+    Measured (2026-12-01): FP 37.38, RPIQ 40.77, GPTQ 41.65, RTN 50.34. With 8 x 256 calibration
+    tokens RPIQ overfits and loses to GPTQ (44.27 vs 42.57): stage 2 needs several times more tokens
+    than a layer has inputs (1536 for down_proj), so the calibration set is not made smaller."""
+    model, tok, _, heldout = real
+    calib = calibration_windows(tok, load_text("calib"), 32, 256, seed=0)
+    grid = GridConfig(bits=3)
+    configs = {
+        "rtn": quant_config("rtn", grid=grid),
+        "gptq": quant_config("gptq", grid=grid, calibration=CalibrationConfig(mode="sequential", compensate=False)),
+        # the report's "RPIQ, sequential" row: stage 1 + stage 2, fitted to full-precision outputs
+        "rpiq": quant_config("rpiq", grid=grid, calibration=CalibrationConfig(mode="sequential", compensate=True)),
+    }
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ppl = {"fp": perplexity(model, heldout)}
+    try:
+        for method, cfg in configs.items():
+            model.load_state_dict(state)
+            # RTN reads no calibration data: one window keeps the pipeline happy at a fraction of the cost
+            _quantize_first_layers(model, calib[:1] if method == "rtn" else calib, cfg, n_layers=4)
+            ppl[method] = perplexity(model, heldout)
+    finally:
+        model.load_state_dict(state)
+    assert ppl["fp"] < ppl["rpiq"] < ppl["gptq"] < ppl["rtn"], ppl
