@@ -39,6 +39,7 @@ if str(ROOT) not in sys.path:  # the rpiq repo is not installed into .venv-gptqm
     sys.path.insert(0, str(ROOT))
 
 from memory import peak_rss_mb  # noqa: E402 - benchmarks/ is the script's directory, already on sys.path
+from reference_common import add_run_args, versions  # noqa: E402
 
 LIBRARY = "gptqmodel"
 VERSIONED = ("gptqmodel", "torch", "transformers", "accelerate", "torchao", "tokenicer", "defuser")
@@ -47,18 +48,6 @@ CPU_WORKERS = "2"
 """GPTQModel's default CPU thread pool has (cores + 1) // 2 workers but its model loader asks for 2:
 on a 2-core machine ``GPTQModel.load`` fails with "Virtual pool 'model_loader:cpu' requests 2 workers
 but parent 'cpu' only has 1". ``GPTQMODEL_CPU_WORKERS=2`` (its own override) avoids that."""
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in VERSIONED:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 def quantize_config(variant: str, bits: int, group_size: int, percdamp: float, alpha: float):
@@ -270,16 +259,7 @@ def run(job: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", choices=("v1", "v2"), default="v2", help="v1: GPTQ; v2: GPTAQ (GPTQ v2)")
-    ap.add_argument("--model", default=None, help="model directory (default: the embedded model)")
-    ap.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
-    ap.add_argument("--group-size", type=int, default=128, help="-1 = per output channel")
-    ap.add_argument("--nsamples", type=int, default=8)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval", default="heldout")
-    ap.add_argument("--eval2", default=None, help="a second evaluation text: built-in name or file")
-    ap.add_argument("--eval-seqlen", type=int, default=512)
-    ap.add_argument("--eval-windows", type=int, default=16)
+    add_run_args(ap)
     ap.add_argument("--percdamp", type=float, default=0.01, help="QuantizeConfig.damp_percent (ours: 0.01)")
     ap.add_argument("--alpha", type=float, default=0.25, help="GPTAQConfig.alpha for v2 (the library's default)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads during quantization (0 = torch's default)")
@@ -302,7 +282,7 @@ def main() -> None:
     row = run(job)
     row["wall_seconds"] = time.perf_counter() - t0
     row["library"] = LIBRARY
-    row["versions"] = _versions()
+    row["versions"] = versions(VERSIONED)
     row["settings"] = {
         "algorithm": "gptqmodel.GPTQModel.load(model, QuantizeConfig) + .quantize(our windows, batch_size=1)"
         + (f"; GPTAQConfig(alpha={args.alpha}) (GPTQ v2)" if args.variant == "v2" else ""),

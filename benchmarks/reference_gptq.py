@@ -36,24 +36,13 @@ if str(ROOT) not in sys.path:  # the rpiq repo is not installed into .venv-ref: 
     sys.path.insert(0, str(ROOT))
 
 from memory import peak_rss_mb  # noqa: E402 - benchmarks/ is the script's directory, already on sys.path
+from reference_common import add_run_args, versions  # noqa: E402
 
 METHOD = "gptq-llmcompressor"
 LIBRARY = "llmcompressor"
 VERSIONED = ("llmcompressor", "compressed-tensors", "torch", "transformers", "accelerate", "datasets")
 GRID_CHECK_MODULES = ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj")
 """Linears whose every (row, group) is checked, in the first, middle and last decoder layer."""
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in VERSIONED:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 def _quant_args(bits: int, group_size: int, in_features: set[int]):
@@ -329,16 +318,7 @@ def _child_main(kind: str, job_file: str, result_file: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="model directory (default: the embedded model)")
-    ap.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
-    ap.add_argument("--group-size", type=int, default=128, help="-1 = per output channel")
-    ap.add_argument("--nsamples", type=int, default=8)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval", default="heldout")
-    ap.add_argument("--eval2", default=None, help="a second evaluation text: built-in name or file")
-    ap.add_argument("--eval-seqlen", type=int, default=512)
-    ap.add_argument("--eval-windows", type=int, default=16)
+    add_run_args(ap)
     ap.add_argument("--percdamp", type=float, default=0.01, help="GPTQModifier.dampening_frac (ours: 0.01)")
     ap.add_argument("--block-size", type=int, default=128, help="GPTQModifier.block_size (ours: 128)")
     ap.add_argument("--pipeline", default="sequential", help="llm-compressor calibration pipeline")
@@ -382,7 +362,7 @@ def main() -> None:
         if "eval2" in fp:
             row["fp_ppl_eval2_this_env"] = fp["eval2"]
     row["library"] = LIBRARY
-    row["versions"] = _versions()
+    row["versions"] = versions(VERSIONED)
     row["settings"] = {
         "algorithm": "llmcompressor.modifiers.gptq.GPTQModifier via llmcompressor.oneshot",
         "device": "cpu",
