@@ -39,7 +39,6 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from gptq_format import QuantizedWeight
 
@@ -198,20 +197,10 @@ class GemliteLinear(QuantLinear):
     def unsupported(cls, qw: QuantizedWeight) -> str | None:
         return unsupported_reason(qw)
 
-    @classmethod
-    def from_weight(
-        cls, qw: QuantizedWeight, bias: torch.Tensor | None, device: torch.device, dtype: torch.dtype
-    ) -> GemliteLinear:
-        """As `QuantLinear.from_weight`, but the packed scales follow the model's dtype (fp16 stays exact)."""
-        out_f, in_f = qw.shape
-        layer = cls(in_f, out_f, qw.bits, qw.group_size)
-        layer.compute_dtype = compute_dtype_for(dtype)
-        layer._pack(qw, torch.device(device))
-        if bias is not None:
-            layer.bias = nn.Parameter(bias.detach().to(device=device, dtype=dtype), requires_grad=False)
-        return layer
-
-    def _pack(self, qw: QuantizedWeight, device: torch.device) -> None:
+    def _pack(self, qw: QuantizedWeight, device: torch.device, dtype: torch.dtype) -> None:
+        """The packed scales follow the model's dtype (fp16 stays exact; anything else computes in bf16)."""
+        self.compute_dtype = compute_dtype_for(dtype)
+        device = torch.device(device)
         layout = gemlite_layout(qw)
         core = _gemlite()
         dt = self.compute_dtype

@@ -63,12 +63,12 @@ class QuantLinear(nn.Module):
         """Pack `qw` for this kernel on `device`; `dtype` is the bias (and output) dtype."""
         out_f, in_f = qw.shape
         layer = cls(in_f, out_f, qw.bits, qw.group_size)
-        layer._pack(qw, device)
+        layer._pack(qw, device, dtype)
         if bias is not None:
             layer.bias = nn.Parameter(bias.detach().to(device=device, dtype=dtype), requires_grad=False)
         return layer
 
-    def _pack(self, qw: QuantizedWeight, device: torch.device) -> None:
+    def _pack(self, qw: QuantizedWeight, device: torch.device, dtype: torch.dtype) -> None:
         raise NotImplementedError
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +103,7 @@ class DequantLinear(QuantLinear):
     kernel = "dequant"
     device_type = None
 
-    def _pack(self, qw: QuantizedWeight, device: torch.device) -> None:
+    def _pack(self, qw: QuantizedWeight, device: torch.device, dtype: torch.dtype) -> None:
         self.register_buffer("codes", qw.codes.to(device=device, dtype=torch.uint8), persistent=False)
         self.register_buffer("scales", qw.scales.to(device=device, dtype=torch.float32), persistent=False)
         self.register_buffer("zeros", qw.zeros.to(device=device, dtype=torch.uint8), persistent=False)
@@ -126,7 +126,7 @@ class _Tinygemm(QuantLinear):
     def unsupported(cls, qw: QuantizedWeight) -> str | None:
         return unsupported_reason(qw)
 
-    def _pack(self, qw: QuantizedWeight, device: torch.device) -> None:
+    def _pack(self, qw: QuantizedWeight, device: torch.device, dtype: torch.dtype) -> None:
         layout = tinygemm_layout(qw)
         self.kernel_group = layout.group
         self.in_padded = layout.in_padded
