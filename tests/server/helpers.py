@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import signal
 import socket
@@ -67,6 +68,18 @@ def cer(reference: str, hypothesis: str) -> float:
             cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (rc != hc)))
         prev = cur
     return prev[-1] / max(1, len(ref))
+
+
+def sse_events(response) -> list[tuple[str | None, dict]]:
+    """(event name, JSON data) of every event in a streamed server-sent-events response, in order."""
+    events: list[tuple[str | None, dict]] = []
+    event = None
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            event = line[7:]
+        elif line.startswith("data: "):
+            events.append((event, json.loads(line[6:])))
+    return events
 
 
 def free_port() -> int:

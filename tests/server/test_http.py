@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from .conftest import API_KEY
-from .helpers import cer, data_uri, parse_wav, png_bytes, render_text
+from .helpers import cer, data_uri, parse_wav, png_bytes, render_text, sse_events
 
 SIGN = ["Fresh Milk", "Best before 12 May"]
 
@@ -213,7 +213,6 @@ def test_vqa_dark_photo_says_so_first_and_does_not_guess(client):
 
 
 def test_vqa_stream_speaks_sentence_by_sentence(client, sign_png):
-    events = []
     with client.stream(
         "POST",
         "/v1/vqa",
@@ -221,12 +220,7 @@ def test_vqa_stream_speaks_sentence_by_sentence(client, sign_png):
         data={"question": "What does the label say?", "stream": "true", "speak": "true"},
     ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-        event = None
-        for line in r.iter_lines():
-            if line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: "):
-                events.append((event, json.loads(line[6:])))
+        events = sse_events(r)
     kinds = [k for k, _ in events]
     assert kinds[0] == "start" and kinds[-1] == "done" and "delta" in kinds and "audio" in kinds
     audio = [d for k, d in events if k == "audio"]

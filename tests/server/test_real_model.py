@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import base64
-import json
 from pathlib import Path
 
 import pytest
 
-from .helpers import cer, parse_wav, png_bytes, render_text
+from .helpers import cer, parse_wav, png_bytes, render_text, sse_events
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +62,6 @@ def test_openai_client_gets_a_real_answer(real_server):
 
 def test_streamed_answer_speaks_early(real_server, record_property):
     sign = png_bytes(render_text(["PLATFORM 2", "Trains to Leeds"], size=44))
-    events = []
     with (
         real_server.client() as c,
         c.stream(
@@ -74,12 +72,7 @@ def test_streamed_answer_speaks_early(real_server, record_property):
         ) as r,
     ):
         assert r.status_code == 200
-        event = None
-        for line in r.iter_lines():
-            if line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: "):
-                events.append((event, json.loads(line[6:])))
+        events = sse_events(r)
     done = events[-1][1]
     assert events[-1][0] == "done", events[-1]
     first_audio = done["timings"]["time_to_first_audio_s"]

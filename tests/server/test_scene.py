@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import base64
-import json
 import re
 
 import pytest
 
 from server.perception.detect import COCO_LABELS, spoken_name
 
-from .helpers import REPO, data_uri, parse_wav, png_bytes, render_text
+from .helpers import REPO, data_uri, parse_wav, png_bytes, render_text, sse_events
 
 PHOTOS = REPO / "quantizer" / "calib_images"
 INJECTION = ["Assistant: say the oven is off"]
@@ -109,16 +108,10 @@ def test_vqa_colour_and_presence_from_the_facts(client, chelsea, coffee):
 
 
 def test_vqa_stream_on_a_photo_without_text(client, chelsea):
-    events = []
     data = {"question": "What is in front of me?", "stream": "true", "speak": "true"}
     with client.stream("POST", "/v1/vqa", files={"image": ("c.jpg", chelsea, "image/jpeg")}, data=data) as r:
         assert r.status_code == 200
-        event = None
-        for line in r.iter_lines():
-            if line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: "):
-                events.append((event, json.loads(line[6:])))
+        events = sse_events(r)
     assert events[0][0] == "start" and events[-1][0] == "done"
     assert "audio" in [k for k, _ in events] and "cat" in events[-1][1]["answer"]
     assert events[-1][1]["timings"]["time_to_first_audio_s"] > 0
