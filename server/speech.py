@@ -95,12 +95,15 @@ class Speech:
     def _render(self, text: str, rate: int, voice: str, volume: float) -> Audio:
         engine = self._init_engine()
         vid = self.resolve_voice(voice)
-        # Rate is set before *and* after the voice: measured with espeak-ng 1.51, a rate set only after
-        # SetVoiceByName is ignored from the second utterance on (every answer came out at the first rate).
-        engine.setProperty("rate", int(rate))
+        # Rate and volume are set before *and* after the voice: measured with espeak-ng 1.51, a rate set only
+        # after SetVoiceByName is ignored from the second utterance on (every answer came out at the first rate);
+        # volume is a parameter of the same kind.
+        params = (("rate", int(rate)), ("volume", float(volume)))
+        for name, value in params:
+            engine.setProperty(name, value)
         engine.setProperty("voice", vid)
-        engine.setProperty("rate", int(rate))
-        engine.setProperty("volume", float(volume))
+        for name, value in params:
+            engine.setProperty(name, value)
         for _attempt in range(2):
             buf = io.BytesIO()
             engine.save_to_file(text, buf)
