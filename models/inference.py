@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, TextStreamer
 
+from . import decode_loop
 from .int4 import KernelName
 
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
@@ -39,6 +40,7 @@ class GenerationOptions:
     seed: int | None = None
     stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
     compile: bool = False  # decode through a static KV cache and a torch.compile'd step (`models.fast_decode`)
+    lean: bool = True  # text-only Llama-family decoders on a CPU decode through `models.decode_loop`
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -269,6 +271,13 @@ def generate(
     streamer = _Streamer(tok, on_text, t0) if on_text is not None else None
     cancel = _Cancel(should_stop) if should_stop is not None else None
     ends = eos_ids(model, tok)
+    n_prompt = int(inputs["input_ids"].shape[1])
+    if options.lean and not options.compile and decode_loop.unavailable(model, inputs) is None:
+        tokens, cancelled = decode_loop.decode(
+            model, tok, inputs["input_ids"], options, ends, streamer=streamer, should_stop=should_stop
+        )
+        new = torch.tensor(tokens, dtype=torch.long)
+        return _finish(tok, options, n_prompt, new, ends, time.perf_counter() - t0, cancelled, streamer)
     kw = options.generate_kwargs()
     if options.stop:
         kw.update(stop_strings=list(options.stop), tokenizer=tok)
@@ -284,15 +293,27 @@ def generate(
         stopping_criteria=StoppingCriteriaList([cancel]) if cancel else None,
         streamer=streamer,
     )
-    seconds = time.perf_counter() - t0
-    n_prompt = int(inputs["input_ids"].shape[1])
-    new = out[0, n_prompt:]
+    cancelled = cancel is not None and cancel.fired
+    return _finish(tok, options, n_prompt, out[0, n_prompt:], ends, time.perf_counter() - t0, cancelled, streamer)
+
+
+def _finish(
+    tok: PreTrainedTokenizerBase,
+    options: GenerationOptions,
+    n_prompt: int,
+    new: torch.Tensor,
+    ends: list[int],
+    seconds: float,
+    cancelled: bool,
+    streamer: _Streamer | None,
+) -> Generation:
+    """The `Generation` report for the `new` token ids: text cut at the first stop string, and why it ended."""
     text = tok.decode(new, skip_special_tokens=True)
     cuts = [text.find(s) for s in options.stop if s and s in text]
     if cuts:
         text = text[: min(cuts)]
     n_new = int(new.numel())
-    if cancel is not None and cancel.fired:
+    if cancelled:
         reason: FinishReason = "cancelled"
     elif n_new >= options.max_new_tokens and (n_new == 0 or int(new[-1]) not in ends):
         reason = "length"

@@ -79,7 +79,7 @@ def test_compiled_decode_gives_the_eager_tokens_text_and_stops(models, tok, kind
     assert torch.equal(_ids(model, **extra), eager)
 
     for options in (GenerationOptions(max_new_tokens=20), GenerationOptions(max_new_tokens=20, stop=("e",))):
-        want, want_streamed = _run(model, tok, options)
+        want, want_streamed = _run(model, tok, GenerationOptions(**{**options.__dict__, "lean": False}))
         got, got_streamed = _run(model, tok, GenerationOptions(**{**options.__dict__, "compile": True}))
         assert _summary(got) == _summary(want)
         assert got_streamed == want_streamed
@@ -96,7 +96,7 @@ def test_no_compiler_falls_back_to_eager_with_a_warning(monkeypatch, tok, caplog
     with caplog.at_level(logging.WARNING, logger="models.fast_decode"):
         assert fast_decode.decode_kwargs(model, _inputs(), 20) == {}
     assert "no C++ compiler" in caplog.text
-    want, _ = _run(model, tok, GenerationOptions(max_new_tokens=12))
+    want, _ = _run(model, tok, GenerationOptions(max_new_tokens=12, lean=False))
     got, _ = _run(model, tok, GenerationOptions(max_new_tokens=12, compile=True))
     assert _summary(got) == _summary(want)
     assert not hasattr(model, "_compiled_call")
@@ -112,7 +112,7 @@ def test_failed_compilation_falls_back_to_eager_once(monkeypatch, tok, caplog):
 
     monkeypatch.setattr(fast_decode, "_warm_up", broken)
     with caplog.at_level(logging.WARNING, logger="models.fast_decode"):
-        want, _ = _run(model, tok, GenerationOptions(max_new_tokens=12))
+        want, _ = _run(model, tok, GenerationOptions(max_new_tokens=12, lean=False))
         got, _ = _run(model, tok, GenerationOptions(max_new_tokens=12, compile=True))
         again, _ = _run(model, tok, GenerationOptions(max_new_tokens=12, compile=True))
     assert _summary(got) == _summary(again) == _summary(want)

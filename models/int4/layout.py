@@ -12,7 +12,7 @@ columns. Both forms describe the same numbers when
 * a GPTQ group of ``g`` columns becomes ``g / kg`` kernel groups of ``kg`` columns that repeat
   its (scale, zero): exact, and it lets per-channel (``group_size=-1``) and g=512/1024 layers
   run on the same kernel,
-* rows are padded to the kernel's tile (16) and columns to a whole number of groups; padded
+* rows are padded to the kernel's tile (16) and columns to a whole number of kernel groups; padded
   columns meet zero activations, padded rows are sliced off the output.
 
 The only loss is the kernel's own: scales and zeros are bfloat16 and the accumulation order
@@ -79,9 +79,13 @@ def contiguous_group_order(g_idx: torch.Tensor, group_size: int) -> torch.Tensor
     return perm
 
 
-def kernel_group_size(group_size: int) -> int | None:
-    """The largest tinygemm group size that divides `group_size` (None: no exact mapping)."""
-    return next((kg for kg in KERNEL_GROUP_SIZES if group_size % kg == 0), None)
+def kernel_group_size(group_size: int, in_features: int | None = None) -> int | None:
+    """The largest tinygemm group size that divides `group_size` (None: no exact mapping), preferring
+    one that also divides `in_features`: then the input needs no zero padding at run time (576
+    columns in GPTQ groups of 128 run as kernel groups of 64, not padded to 640)."""
+    exact = [kg for kg in KERNEL_GROUP_SIZES if group_size % kg == 0]
+    unpadded = [kg for kg in exact if in_features is not None and in_features % kg == 0]
+    return (unpadded or exact or [None])[0]
 
 
 def _group_columns(qw: QuantizedWeight) -> int:
@@ -95,7 +99,7 @@ def _kernel_grouping(qw: QuantizedWeight) -> tuple[int, int, torch.Tensor | None
     if qw.bits != 4:
         raise LayoutError(f"bits={qw.bits} (tinygemm kernels are 4-bit only)")
     group = _group_columns(qw)
-    kg = kernel_group_size(group)
+    kg = kernel_group_size(group, qw.shape[1])
     if kg is None:
         raise LayoutError(f"group_size={qw.group_size} is not a multiple of 32")
     return group, kg, contiguous_group_order(qw.g_idx, group)
@@ -112,12 +116,12 @@ def unsupported_reason(qw: QuantizedWeight) -> str | None:
 
 def tinygemm_layout(qw: QuantizedWeight) -> TinygemmLayout:
     """Rearrange `qw` for tinygemm (see the module docstring); `LayoutError` if it cannot be exact."""
-    group, kg, perm = _kernel_grouping(qw)
+    _, kg, perm = _kernel_grouping(qw)
     out_f, in_f = qw.shape
     g_idx = qw.g_idx.long() if perm is None else qw.g_idx.long()[perm]
     codes = qw.codes.to(torch.int32) if perm is None else qw.codes[:, perm].to(torch.int32)
 
-    in_pad = _round_up(in_f, group)
+    in_pad = _round_up(in_f, kg)
     out_pad = _round_up(out_f, ROW_TILE)
     # Columns past in_f meet zero-padded activations, so whatever they decode to adds nothing.
     codes = torch.nn.functional.pad(codes, (0, in_pad - in_f, 0, out_pad - out_f), value=MID_CODE)

@@ -1,0 +1,97 @@
+"""`generate`'s token loop on the lean step (`models.lean_decode`): sampling, stops, streaming, cancel.
+
+transformers' `generate` spends about a millisecond a token of its own (input preparation, cache
+and stopping bookkeeping) on top of the model's forward; with the lean step that is a large share
+of a small model's token. This loop does only what `models.inference.generate` asks of a decode:
+the model's own forward for the prompt, then one lean step a token, with transformers' own logits
+processors for repetition penalty, temperature, top-k and top-p, so sampling means what it means
+on the transformers path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from .lean_decode import LeanDecoder, prefill, unsupported
+
+
+def unavailable(model: Any, inputs: dict[str, Any]) -> str | None:
+    """Why this request decodes through transformers instead (None: the lean loop takes it)."""
+    if not set(inputs) <= {"input_ids", "attention_mask"}:
+        return "inputs other than text (images) decode through transformers"
+    if inputs["input_ids"].shape[0] != 1:
+        return "batched inputs decode through transformers"
+    return unsupported(model)
+
+
+def processors(model: Any, options: Any) -> LogitsProcessorList:
+    """The logits processors transformers' `generate` would apply for `options` (a `GenerationOptions`)."""
+    procs = LogitsProcessorList()
+    if options.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(options.repetition_penalty))
+    if options.temperature > 0:
+        procs.append(TemperatureLogitsWarper(options.temperature))
+        top_k = options.top_k if options.top_k is not None else getattr(model.generation_config, "top_k", None)
+        if top_k:
+            procs.append(TopKLogitsWarper(top_k))
+        if options.top_p < 1.0:
+            procs.append(TopPLogitsWarper(options.top_p))
+    return procs
+
+
+def decode(
+    model: Any,
+    tok: Any,
+    input_ids: torch.Tensor,
+    options: Any,
+    ends: list[int],
+    *,
+    streamer: Any = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[list[int], bool]:
+    """(new token ids, whether `should_stop` ended it) for the [1, n] prompt `input_ids`.
+
+    Stops after an end token (kept, as transformers keeps it), at `options.max_new_tokens`, once the
+    new text contains one of `options.stop`, or when `should_stop()` turns true after a token.
+    """
+    lean = LeanDecoder.for_model(model)
+    n = int(input_ids.shape[1])
+    logits, prompt_cache = prefill(model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)})
+    cache = lean.start(prompt_cache, n + options.max_new_tokens)
+    del prompt_cache
+    procs = processors(model, options)
+    ids = input_ids[0].clone()
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    new: list[int] = []
+    while True:
+        scores = procs(ids[None], logits[None])[0] if procs else logits
+        sample = options.temperature > 0
+        token = int(torch.multinomial(scores.softmax(-1), 1)) if sample else int(scores.argmax())
+        new.append(token)
+        if procs:
+            ids = torch.cat([ids, torch.tensor([token])])
+        if streamer is not None:
+            streamer.put(torch.tensor([token]))
+        if token in ends or len(new) >= options.max_new_tokens:
+            break
+        if options.stop and any(s in tok.decode(new, skip_special_tokens=True) for s in options.stop if s):
+            break
+        if should_stop is not None and should_stop():
+            if streamer is not None:
+                streamer.end()
+            return new, True
+        logits = lean.step(cache, token, n + len(new) - 1)
+    if streamer is not None:
+        streamer.end()
+    return new, False

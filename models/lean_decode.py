@@ -1,0 +1,301 @@
+"""One decode step of a Llama-family decoder in few torch ops: fused int4 projections, a preallocated KV cache.
+
+A token of a small model on a CPU costs more in framework work than in arithmetic: transformers'
+decoder launches ~7,000 torch ops a token for SmolLM2-135M (masks, cache bookkeeping, rotary
+tables, module hooks), 72 % of the step's time. `LeanDecoder` runs the same layers' modules and
+weights with ~40 ops a layer:
+
+* the q/k/v projections are one int4 matmul, as are gate/up: the tinygemm CPU layout is plain
+  rows, so the packed weights are concatenated once and the layers' own buffers become views of
+  the fused ones (no extra memory);
+* keys and values go into one preallocated cache per layer (no `torch.cat` per token), and the
+  attention of one query is two small batched matmuls over the filled part;
+* the rotary table is computed once per generation by the model's own rotary module, so every
+  rope type it implements (default, linear, llama3, yarn) is handled by transformers.
+
+The prompt is still run by the model's own forward (any attention implementation, images too);
+its cache is copied into the lean one, and only the one-token steps run here. Which decoders can
+run is data (`SUPPORTED_MODEL_TYPES`); anything else, and any layer shape the step does not know
+(sliding windows, logit soft-capping, dynamic rope), is refused with a reason and decodes through
+transformers as before.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .int4.linear import TinygemmCPULinear
+
+ATTENTION_DTYPE = torch.float32
+"""The cache's and the attention's dtype: bf16 matmuls are 3-4x slower on CPUs without native bf16,
+and the one-query attention is small; keys and values are the model's (bf16-rounded) numbers."""
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
+"""Decoders with the Llama layer: pre-norm attention (q/k/v/o, optional per-head q/k norm) and a
+gated MLP (gate/up/down), a final norm and an LM head."""
+
+_UNSUPPORTED_CONFIG = {
+    "final_logit_softcapping": "logit soft-capping",
+    "attn_logit_softcapping": "attention soft-capping",
+}
+
+
+# --------------------------------------------------------------------------- projections
+
+
+class _Fused(nn.Module):
+    """Several int4 layers reading the same input as one tinygemm matmul; outputs concatenated.
+
+    The member layers' ``packed`` buffers are re-pointed at row slices of the fused buffer, so the
+    model keeps one copy of the codes; their (small) scale tables are concatenated into a new one.
+    """
+
+    def __init__(self, layers: list[TinygemmCPULinear]) -> None:
+        super().__init__()
+        first = layers[0]
+        self.group = first.kernel_group
+        self.pad = first.in_padded - first.in_features
+        fused = torch.cat([layer.packed for layer in layers])
+        start = 0
+        for layer in layers:
+            rows = layer.packed.shape[0]
+            layer.packed = fused[start : start + rows]
+            start += rows
+        self.register_buffer("packed", fused, persistent=False)
+        self.register_buffer("scale_and_zero", torch.cat([la.scale_and_zero for la in layers], 1), persistent=False)
+        biases = [la.bias if la.bias is not None else torch.zeros(la.out_features) for la in layers]
+        with_bias = any(la.bias is not None for la in layers)
+        self.bias = torch.cat([b.to(torch.bfloat16) for b in biases]) if with_bias else None
+
+    @staticmethod
+    def can_fuse(layers: list[nn.Module]) -> bool:
+        if not all(type(la) is TinygemmCPULinear for la in layers):
+            return False
+        first = layers[0]
+        same = all(
+            la.perm is None
+            and la.kernel_group == first.kernel_group
+            and la.in_features == first.in_features
+            and la.in_padded == first.in_padded
+            and la.out_padded == la.out_features
+            for la in layers
+        )
+        return same and _packs_by_rows(tuple(la.out_padded for la in layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)  # the kernel's activation dtype
+        if self.pad:
+            xb = F.pad(xb, (0, self.pad))
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, self.group, self.scale_and_zero)
+        y = y if self.bias is None else y + self.bias
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _packs_by_rows(rows: tuple[int, ...]) -> bool:
+    """Whether packing layers of `rows` output rows one by one and concatenating equals packing them
+    together. The CPU packer interleaves blocks of rows (64 in torch 2.13), so it holds when every
+    layer but the last fills whole blocks; probed on small random codes rather than assumed."""
+    codes = [torch.randint(0, 16, (r, 64), dtype=torch.int32) for r in rows]
+    pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+    return torch.equal(torch.cat([pack(c, 1) for c in codes]), pack(torch.cat(codes), 1))
+
+
+class _Separate(nn.Module):
+    """The fallback: each layer on its own kernel, outputs concatenated (float weights, act-order, ...)."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([la(x) for la in self.members], dim=-1)
+
+
+def _projection(layers: list[nn.Module]) -> nn.Module:
+    return _Fused(layers) if _Fused.can_fuse(layers) else _Separate(layers)
+
+
+def _single(layer: nn.Module) -> nn.Module:
+    """A one-layer projection without the module's reshape/pad/cast wrapper when tinygemm can take it."""
+    return _Fused([layer]) if _Fused.can_fuse([layer]) else layer
+
+
+# --------------------------------------------------------------------------- norms
+
+
+class _RMSNorm(nn.Module):
+    """transformers' Llama RMSNorm (float32 statistics, weight applied in the input dtype) in 3 ops."""
+
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.weight, self.eps = weight, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * torch.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
+
+
+def _norm(module: nn.Module) -> nn.Module:
+    """A Llama-style RMSNorm (``weight * normed``) rewritten; any other norm module runs as it is."""
+    if type(module).__name__ in {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "SmolLM3RMSNorm"}:
+        return _RMSNorm(module.weight, module.variance_epsilon)
+    return module
+
+
+# --------------------------------------------------------------------------- the decoder
+
+
+@dataclass
+class _Layer:
+    norm_in: nn.Module
+    qkv: nn.Module
+    q_norm: nn.Module | None
+    k_norm: nn.Module | None
+    o: nn.Module
+    norm_post: nn.Module
+    gate_up: nn.Module
+    act: nn.Module
+    down: nn.Module
+
+
+def unsupported(model: Any) -> str | None:
+    """Why `model` cannot decode through `LeanDecoder` (None: it can)."""
+    config = model.config
+    if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        return f"model type {getattr(config, 'model_type', None)!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+    for key, what in _UNSUPPORTED_CONFIG.items():
+        if getattr(config, key, None):
+            return f"{what} is not implemented in the lean step"
+    layer_types = getattr(config, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types) or getattr(config, "use_sliding_window", False):
+        return "sliding-window attention is not implemented in the lean step"
+    decoder = model.get_decoder()
+    rope = getattr(getattr(decoder, "rotary_emb", None), "rope_type", None)
+    if rope is None or rope.startswith("dynamic") or rope == "longrope":
+        return f"rope type {rope!r} changes with the sequence length"
+    if model.device.type != "cpu":
+        return "the lean step is for the CPU (CUDA decodes through transformers)"
+    return None
+
+
+_BUILD_LOCK = threading.Lock()
+
+
+@dataclass
+class LeanCache:
+    """One generation's state: keys (transposed) and values per layer, and the rotary table."""
+
+    keys: list[torch.Tensor]  # [n_kv, head_dim, capacity] float32
+    values: list[torch.Tensor]  # [n_kv, capacity, head_dim] float32
+    cos: torch.Tensor  # [capacity, head_dim] model dtype
+    sin: torch.Tensor  # the same, with rotate_half's sign folded in
+
+    @property
+    def capacity(self) -> int:
+        return self.values[0].shape[1]
+
+
+class LeanDecoder:
+    """The one-token steps of `model` after a prompt. Built once per model (`for_model`); it keeps no
+    per-generation state (that is a `LeanCache`), so generations may run side by side.
+    Weights are the model's own (int4 q/k/v and gate/up fused in place)."""
+
+    def __init__(self, model: Any) -> None:
+        decoder = model.get_decoder()
+        config = model.config
+        attn0 = decoder.layers[0].self_attn
+        self.head_dim = attn0.head_dim
+        self.n_kv = config.num_key_value_heads
+        self.n_q = config.num_attention_heads
+        self.scaling = float(attn0.scaling)
+        self.dtype = model.dtype
+        self.embed = decoder.embed_tokens
+        self.rotary = decoder.rotary_emb
+        self.norm = _norm(decoder.norm)
+        self.head = _single(model.get_output_embeddings())
+        self.layers = [self._layer(layer) for layer in decoder.layers]
+
+    @staticmethod
+    def _layer(layer: nn.Module) -> _Layer:
+        a, m = layer.self_attn, layer.mlp
+        return _Layer(
+            norm_in=_norm(layer.input_layernorm),
+            qkv=_projection([a.q_proj, a.k_proj, a.v_proj]),
+            q_norm=getattr(a, "q_norm", None),
+            k_norm=getattr(a, "k_norm", None),
+            o=_single(a.o_proj),
+            norm_post=_norm(layer.post_attention_layernorm),
+            gate_up=_projection([m.gate_proj, m.up_proj]),
+            act=m.act_fn,
+            down=_single(m.down_proj),
+        )
+
+    @classmethod
+    def for_model(cls, model: Any) -> LeanDecoder:
+        """The model's decoder, built (and its projections fused) by the first caller only."""
+        with _BUILD_LOCK:
+            lean = model.__dict__.get("_rpiq_lean_decoder")
+            if lean is None:
+                lean = model.__dict__["_rpiq_lean_decoder"] = cls(model)
+        return lean
+
+    def start(self, cache: Any, capacity: int) -> LeanCache:
+        """A `LeanCache` of `capacity` tokens holding the prompt's keys/values from a transformers cache."""
+        n = cache.get_seq_length()
+        if capacity < n + 1:
+            raise ValueError(f"capacity {capacity} does not hold the {n}-token prompt and one more token")
+        keys, values = [], []
+        for i in range(len(self.layers)):
+            k, v = cache.layers[i].keys[0], cache.layers[i].values[0]  # [n_kv, n, head_dim]
+            kb = torch.empty(self.n_kv, self.head_dim, capacity, dtype=ATTENTION_DTYPE)
+            vb = torch.empty(self.n_kv, capacity, self.head_dim, dtype=ATTENTION_DTYPE)
+            kb[:, :, :n] = k.transpose(1, 2)
+            vb[:, :n] = v
+            keys.append(kb)
+            values.append(vb)
+        cos, sin = self.rotary(torch.empty(0, dtype=self.dtype), torch.arange(capacity)[None])
+        half = self.head_dim // 2
+        # rotate_half(x) * sin == cat(x2, x1) * cat(-sin1, sin2): the sign goes into the table
+        signed = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
+        return LeanCache(keys, values, cos[0], signed)
+
+    def step(self, cache: LeanCache, token: int, pos: int) -> torch.Tensor:
+        """Logits [vocab] (float32) for the token after `token`, which sits at position `pos`."""
+        hd, nq, nkv, half = self.head_dim, self.n_q, self.n_kv, self.head_dim // 2
+        x = self.embed(torch.tensor([token])).to(self.dtype)  # [1, hidden]
+        cos, sin = cache.cos[pos], cache.sin[pos]
+        n = pos + 1
+        for layer, keys, values in zip(self.layers, cache.keys, cache.values, strict=True):
+            h = layer.norm_in(x)
+            qkv = layer.qkv(h)
+            qk = qkv[0, : (nq + nkv) * hd].view(nq + nkv, hd)
+            if layer.q_norm is not None:
+                qk = torch.cat([layer.q_norm(qk[:nq]), layer.k_norm(qk[nq:])])
+            qk = qk * cos + torch.cat([qk[:, half:], qk[:, :half]], dim=-1) * sin
+            keys[:, :, pos] = qk[nq:]
+            values[:, pos] = qkv[0, (nq + nkv) * hd :].view(nkv, hd)
+            q = qk[:nq].view(nkv, nq // nkv, hd).float()
+            scores = torch.bmm(q, keys[:, :, :n]).mul_(self.scaling)
+            attn = torch.bmm(scores.softmax(-1), values[:, :n]).view(1, nq * hd).to(self.dtype)
+            x = x + layer.o(attn)
+            h = layer.norm_post(x)
+            gu = layer.gate_up(h)
+            inter = gu.shape[-1] // 2
+            x = x + layer.down(layer.act(gu[:, :inter]) * gu[:, inter:])
+        return self.head(self.norm(x))[0].float()
+
+
+def prefill(model: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+    """(last position's logits [vocab] float32, the transformers cache) for the prompt in `inputs`."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    out = model(**inputs, cache=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[0, -1].float(), cache
