@@ -48,7 +48,8 @@ MODELS = {
     "smollm2": {"gguf": CACHE / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf", "prefix": "smollm2"},
     "gemma": {"gguf": CACHE / "gguf" / "gemma-3-270m-q4_k_m.gguf", "prefix": "gemma3-270m"},
 }
-ENGINES = ("llama.cpp", "int4", "int4+emb8", "int4+emb8 compiled", "bf16")
+ENGINES = ("llama.cpp", "int4", "int4+emb8", "int4+emb8 transformers", "int4+emb8 compiled", "bf16")
+DEFAULT_ENGINES = ("llama.cpp", "int4", "int4+emb8", "int4+emb8 transformers", "bf16")
 
 
 # --------------------------------------------------------------------------- workers (one process each)
@@ -134,9 +135,51 @@ def rpiq_worker(job: dict) -> dict:
     dtype = torch.bfloat16 if job["engine"] == "bf16" else None
     model, _, _ = load_for_inference(job["path"], dtype=dtype)
     load_s = time.perf_counter() - t0
-    state: dict = {}
     if job["engine"].endswith(" compiled"):  # static KV cache + torch.compile'd decode step
         return _rpiq_compiled(model, job, rss_base, load_s)
+    if job["engine"].endswith(" transformers"):  # transformers' decoder for every step (the old path)
+        prefill, step = _transformers_steps(model)
+    else:
+        prefill, step = _lean_steps(model, job)
+    row = _measure(prefill, step, job, rss_base, load_s)
+    row["weight_mb"] = model_weight_bytes(model) / 2**20
+    row["kernels"] = getattr(model, "int4_kernels", {})
+    return row
+
+
+def _lean_steps(model, job: dict):
+    """The product's decode (`models.decode_loop`): the model's forward for the prompt, lean steps after."""
+    import torch
+
+    from models import lean_decode
+
+    reason = lean_decode.unsupported(model)
+    if reason is not None:
+        raise SystemExit(f"{job['engine']}: the lean step cannot run this model: {reason}")
+    lean = lean_decode.LeanDecoder.for_model(model)
+    capacity = max(len(job["prompt"]), len(job["long_prompt"])) + job["new_tokens"] + 1
+    state: dict = {}
+
+    @torch.inference_mode()
+    def prefill(ids: list[int]) -> int:
+        logits, cache = lean_decode.prefill(model, {"input_ids": torch.tensor([ids])})
+        state["cache"], state["pos"] = lean.start(cache, capacity), len(ids)
+        return int(logits.argmax())
+
+    @torch.inference_mode()
+    def step(tok: int) -> int:
+        logits = lean.step(state["cache"], tok, state["pos"])
+        state["pos"] += 1
+        return int(logits.argmax())
+
+    return prefill, step
+
+
+def _transformers_steps(model):
+    """transformers' own forward for every token, with its dynamic cache."""
+    import torch
+
+    state: dict = {}
 
     @torch.inference_mode()
     def prefill(ids: list[int]) -> int:
@@ -150,10 +193,7 @@ def rpiq_worker(job: dict) -> dict:
         state["past"] = out.past_key_values
         return int(out.logits[0, -1].argmax())
 
-    row = _measure(prefill, step, job, rss_base, load_s)
-    row["weight_mb"] = model_weight_bytes(model) / 2**20
-    row["kernels"] = getattr(model, "int4_kernels", {})
-    return row
+    return prefill, step
 
 
 def _rpiq_compiled(model, job: dict, rss_base: float, load_s: float) -> dict:
@@ -329,7 +369,9 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--long-prompt-tokens", type=int, default=300)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated subset of {', '.join(ENGINES)}")
+    ap.add_argument(
+        "--engines", default=",".join(DEFAULT_ENGINES), help=f"comma-separated subset of {', '.join(ENGINES)}"
+    )
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--profile", metavar="CHECKPOINT", help="profile rpiq decode steps of CHECKPOINT and exit")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -362,9 +404,9 @@ def main() -> None:
         "bf16": str(fp_dir),
     }
     for engine, emb in (("int4", "none"), ("int4+emb8", "int8")):
-        if engine in engines or f"{engine} compiled" in engines:
+        if any(e.split(" ")[0] == engine for e in engines):
             paths[engine] = in_child(_ensure_checkpoint_job, (str(paths[engine]), False, emb, str(fp_dir)))
-    paths["int4+emb8 compiled"] = paths["int4+emb8"]
+    paths["int4+emb8 compiled"] = paths["int4+emb8 transformers"] = paths["int4+emb8"]
     prompt, long_prompt = _prompts(fp_dir, args.prompt_tokens, args.long_prompt_tokens)
     base = {"threads": args.threads, "prompt": prompt, "long_prompt": long_prompt, "new_tokens": args.new_tokens}
     runs: list[dict] = []

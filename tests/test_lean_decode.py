@@ -105,18 +105,19 @@ def test_int4_logits_match_transformers_within_bf16_rounding(hidden, group):
     assert (lean - hf).abs().max() <= 0.03 * hf.abs().max(), (lean - hf).abs().max()
     assert (lean.argmax(-1) == hf.argmax(-1)).float().mean() >= 0.75
     # q/k/v (and gate/up) are one matmul whose codes are the layers' own: no second copy of the weights
-    layer = lean_decode.LeanDecoder.for_model(model).layers[0]
+    parts = lean_decode.LeanDecoder.for_model(model).layers[0]
+    qkv, gate_up = parts.qkv.__self__, parts.gate_up.__self__  # bound forward methods of the projections
     attn = model.model.layers[0].self_attn
     mlp = model.model.layers[0].mlp
-    assert isinstance(layer.gate_up, lean_decode._Fused)
-    assert layer.gate_up.pad == (48 if hidden == 80 else 0)  # 80 columns padded to 128
-    assert mlp.up_proj.packed.untyped_storage().data_ptr() == layer.gate_up.packed.untyped_storage().data_ptr()
+    assert isinstance(gate_up, lean_decode._Fused)
+    assert gate_up.pad == (48 if hidden == 80 else 0)  # 80 columns padded to 128
+    assert mlp.up_proj.packed.untyped_storage().data_ptr() == gate_up.packed.untyped_storage().data_ptr()
     if hidden == 128:
-        assert isinstance(layer.qkv, lean_decode._Fused)
-        assert attn.q_proj.packed.data_ptr() == layer.qkv.packed.data_ptr()
-        assert attn.v_proj.packed.untyped_storage().data_ptr() == layer.qkv.packed.untyped_storage().data_ptr()
+        assert isinstance(qkv, lean_decode._Fused)
+        assert attn.q_proj.packed.data_ptr() == qkv.packed.data_ptr()
+        assert attn.v_proj.packed.untyped_storage().data_ptr() == qkv.packed.untyped_storage().data_ptr()
     else:
-        assert isinstance(layer.qkv, lean_decode._Separate)
+        assert isinstance(qkv, lean_decode._Separate)
     assert model_weight_bytes(model) == before
 
 
