@@ -1,11 +1,15 @@
 """rpiq's int4 model against llama.cpp on the same model, prompt, thread count and CPU.
 
-llama.cpp runs SmolLM2-135M-Instruct from the very GGUF file (Q4_1) that rpiq's embedded default
-is converted from (`models.embedded`); rpiq runs a GPTQ w4g128 checkpoint of the same weights
-(built once, as `benchmarks/decode.py` does), the same with the tied embedding / LM head as int8
-rows (``int4+emb8``), and bf16 as the reference. Every engine measures in its own fresh process
-(llama.cpp inside ``.venv-llamacpp``, see ``scripts/install_llamacpp.sh``), and the runs alternate
-between engines so that a busy neighbour on the CPU slows all of them alike:
+llama.cpp runs SmolLM2-135M-Instruct from the very GGUF file (Q4_1 layers, Q8_0 tied embedding /
+head) that rpiq's embedded default is converted from (`models.embedded`); rpiq runs a GPTQ w4g128
+checkpoint of the same weights (built once, as `benchmarks/decode.py` does), the same with the tied
+embedding / LM head as int8 rows (``int4+emb8``), and bf16 as the reference. rpiq decodes as the
+product does (`models.decode_loop`: the model's forward for the prompt, `models.lean_decode` steps
+after it); ``int4+emb8 transformers`` is the same checkpoint with transformers' forward for every
+token (the path before the lean step), ``int4+emb8 compiled`` the opt-in `models.fast_decode`.
+Every engine measures in its own fresh process (llama.cpp inside ``.venv-llamacpp``, see
+``scripts/install_llamacpp.sh``), and the runs alternate between engines so that a busy neighbour
+on the CPU slows all of them alike:
 
 * the same prompt token ids (the first N tokens of the held-out text, tokenized by the model's
   Hugging Face tokenizer; the GGUF vocabulary is the same), batch 1;

@@ -23,6 +23,7 @@ transformers as before.
 from __future__ import annotations
 
 import functools
+import inspect
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,9 +39,11 @@ ATTENTION_DTYPE = torch.float32
 """The cache's and the attention's dtype: bf16 matmuls are 3-4x slower on CPUs without native bf16,
 and the one-query attention is small; keys and values are the model's (bf16-rounded) numbers."""
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3_text")
 """Decoders with the Llama layer: pre-norm attention (q/k/v/o, optional per-head q/k norm) and a
-gated MLP (gate/up/down), a final norm and an LM head."""
+gated MLP (gate/up/down), a final norm and an LM head. Gemma 3 adds norms on the attention and MLP
+outputs, sliding-window layers with their own rotary table, and scaled embeddings; the step reads
+those from the modules (`_Layer`), not from the model type."""
 
 _UNSUPPORTED_CONFIG = {
     "final_logit_softcapping": "logit soft-capping",
@@ -164,13 +167,23 @@ class _AsIs(nn.Module):
         return self.module(x.to(self.dtype))
 
 
-_LLAMA_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "SmolLM3RMSNorm"}
+# RMSNorm classes: (added to the weight, the module's epsilon attribute). Gemma scales by 1 + w.
+_RMS_NORMS = {
+    "LlamaRMSNorm": (0.0, "variance_epsilon"),
+    "MistralRMSNorm": (0.0, "variance_epsilon"),
+    "Qwen2RMSNorm": (0.0, "variance_epsilon"),
+    "Qwen3RMSNorm": (0.0, "variance_epsilon"),
+    "SmolLM3RMSNorm": (0.0, "variance_epsilon"),
+    "Gemma3RMSNorm": (1.0, "eps"),
+}
 
 
 def _norm(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """The norm of the float32 residual stream, returning the model dtype."""
-    if type(module).__name__ in _LLAMA_NORMS:
-        return _RMSNorm(module.weight, module.variance_epsilon, dtype)
+    """The norm of a float32 vector, returning the model dtype."""
+    known = _RMS_NORMS.get(type(module).__name__)
+    if known is not None:
+        offset, eps = known
+        return _RMSNorm(module.weight.detach().float() + offset, getattr(module, eps), dtype)
     return _AsIs(module, dtype)
 
 
@@ -191,6 +204,10 @@ class _Layer:
     gate_up: Callable[[torch.Tensor], torch.Tensor]
     act: Callable[[torch.Tensor], torch.Tensor]
     down: Callable[[torch.Tensor], torch.Tensor]
+    attn_out_norm: Callable[[torch.Tensor], torch.Tensor] | None  # Gemma: on the attention's output
+    mlp_out_norm: Callable[[torch.Tensor], torch.Tensor] | None  # Gemma: on the MLP's output
+    window: int | None  # sliding-window layers attend to the last `window` positions only
+    rope: str  # which rotary table (Gemma: local for sliding layers, global for the others)
     modules: list[nn.Module]  # what the callables belong to (fused projections, rewritten norms)
 
 
@@ -203,12 +220,17 @@ def unsupported(model: Any) -> str | None:
         if getattr(config, key, None):
             return f"{what} is not implemented in the lean step"
     layer_types = getattr(config, "layer_types", None) or []
-    if any(t != "full_attention" for t in layer_types) or getattr(config, "use_sliding_window", False):
-        return "sliding-window attention is not implemented in the lean step"
+    if any(t not in ("full_attention", "sliding_attention") for t in layer_types):
+        return f"layer types {sorted(set(layer_types))} are not implemented in the lean step"
+    if getattr(config, "use_sliding_window", False):  # Qwen2's per-layer windows
+        return "Qwen2-style sliding windows are not implemented in the lean step"
+    if getattr(config, "use_bidirectional_attention", False):
+        return "bidirectional attention is not a decoder"
     decoder = model.get_decoder()
-    rope = getattr(getattr(decoder, "rotary_emb", None), "rope_type", None)
-    if rope is None or rope.startswith("dynamic") or rope == "longrope":
-        return f"rope type {rope!r} changes with the sequence length"
+    rope = getattr(getattr(decoder, "rotary_emb", None), "rope_type", None)  # Gemma: one per layer type
+    for kind in rope.values() if isinstance(rope, dict) else [rope]:
+        if kind is None or kind.startswith("dynamic") or kind == "longrope":
+            return f"rope type {kind!r} changes with the sequence length"
     if model.device.type != "cpu":
         return "the lean step is for the CPU (CUDA decodes through transformers)"
     return None
@@ -223,8 +245,8 @@ class LeanCache:
 
     keys: list[torch.Tensor]  # [n_kv, head_dim, capacity] float32
     values: list[torch.Tensor]  # [n_kv, capacity, head_dim] float32
-    cos: torch.Tensor  # [capacity, head_dim] model dtype
-    sin: torch.Tensor  # the same, with rotate_half's sign folded in
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]]  # table name: (cos, sin), [capacity, head_dim]
+    # in the model dtype; sin carries rotate_half's sign
 
     @property
     def capacity(self) -> int:
@@ -247,25 +269,40 @@ class LeanDecoder:
         self.dtype = model.dtype
         self.embed = decoder.embed_tokens.forward
         self.rotary = decoder.rotary_emb
+        self.rope_by_type = "layer_type" in inspect.signature(self.rotary.forward).parameters
         self.norm = _norm(decoder.norm, self.dtype).forward
         self.head = _single(model.get_output_embeddings()).forward
-        self.layers = [self._layer(layer) for layer in decoder.layers]
+        self.layers = [self._layer(i, layer, config) for i, layer in enumerate(decoder.layers)]
 
-    def _layer(self, layer: nn.Module) -> _Layer:
+    def _layer(self, index: int, layer: nn.Module, config: Any) -> _Layer:
         a, m = layer.self_attn, layer.mlp
+        sandwich = hasattr(layer, "pre_feedforward_layernorm")  # Gemma: norms before and after each block
         parts = {
             "norm_in": _norm(layer.input_layernorm, self.dtype),
             "qkv": _projection([a.q_proj, a.k_proj, a.v_proj]),
             "q_norm": getattr(a, "q_norm", None),
             "k_norm": getattr(a, "k_norm", None),
             "o": _single(a.o_proj),
-            "norm_post": _norm(layer.post_attention_layernorm, self.dtype),
+            "norm_post": _norm(
+                layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm, self.dtype
+            ),
             "gate_up": _projection([m.gate_proj, m.up_proj]),
             "act": m.act_fn,
             "down": _single(m.down_proj),
+            "attn_out_norm": _norm(layer.post_attention_layernorm, self.dtype) if sandwich else None,
+            "mlp_out_norm": _norm(layer.post_feedforward_layernorm, self.dtype) if sandwich else None,
         }
         calls = {k: None if v is None else v.forward for k, v in parts.items()}
-        return _Layer(**calls, modules=[v for v in parts.values() if v is not None])
+        layer_type = (getattr(config, "layer_types", None) or ["full_attention"] * (index + 1))[index]
+        window = getattr(config, "sliding_window", None) if layer_type == "sliding_attention" else None
+        if config.model_type == "mistral":  # Mistral slides every layer's window when it has one
+            window = getattr(config, "sliding_window", None)
+        return _Layer(
+            **calls,
+            window=window,
+            rope=layer_type if self.rope_by_type else "",
+            modules=[v for v in parts.values() if v is not None],
+        )
 
     @classmethod
     def for_model(cls, model: Any) -> LeanDecoder:
@@ -283,18 +320,21 @@ class LeanDecoder:
             raise ValueError(f"capacity {capacity} does not hold the {n}-token prompt and one more token")
         keys, values = [], []
         for i in range(len(self.layers)):
-            k, v = cache.layers[i].keys[0], cache.layers[i].values[0]  # [n_kv, n, head_dim]
+            k, v = cache.layers[i].keys[0], cache.layers[i].values[0]  # [n_kv, kept, head_dim]
+            kept = k.shape[1]  # a sliding-window layer keeps only the last positions
             kb = torch.empty(self.n_kv, self.head_dim, capacity, dtype=ATTENTION_DTYPE)
             vb = torch.empty(self.n_kv, capacity, self.head_dim, dtype=ATTENTION_DTYPE)
-            kb[:, :, :n] = k.transpose(1, 2)
-            vb[:, :n] = v
+            kb[:, :, n - kept : n] = k.transpose(1, 2)
+            vb[:, n - kept : n] = v
             keys.append(kb)
             values.append(vb)
-        cos, sin = self.rotary(torch.empty(0, dtype=self.dtype), torch.arange(capacity)[None])
-        half = self.head_dim // 2
-        # rotate_half(x) * sin == cat(x2, x1) * cat(-sin1, sin2): the sign goes into the table
-        signed = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
-        return LeanCache(keys, values, cos[0], signed)
+        positions, probe, half = torch.arange(capacity)[None], torch.empty(0, dtype=self.dtype), self.head_dim // 2
+        rope = {}
+        for name in {layer.rope for layer in self.layers}:
+            cos, sin = self.rotary(probe, positions, name) if name else self.rotary(probe, positions)
+            # rotate_half(x) * sin == cat(x2, x1) * cat(-sin1, sin2): the sign goes into the table
+            rope[name] = (cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1))
+        return LeanCache(keys, values, rope)
 
     def step(self, cache: LeanCache, token: int, pos: int) -> torch.Tensor:
         """Logits [vocab] (float32) for the token after `token`, which sits at position `pos`."""
@@ -302,9 +342,11 @@ class LeanDecoder:
         # The residual stream stays float32 (transformers keeps it in the model dtype): fewer casts,
         # and one rounding less per layer; what enters every matmul is in the model dtype as there.
         x = self.embed(torch.tensor([token])).float()  # [1, hidden]
-        cos, sin = cache.cos[pos], cache.sin[pos]
+        rope = {name: (cos[pos], sin[pos]) for name, (cos, sin) in cache.rope.items()}
         n = pos + 1
         for layer, keys, values in zip(self.layers, cache.keys, cache.values, strict=True):
+            cos, sin = rope[layer.rope]
+            lo = 0 if layer.window is None else max(0, n - layer.window)
             h = layer.norm_in(x)
             qkv = layer.qkv(h)
             qk = qkv[0, : (nq + nkv) * hd].view(nq + nkv, hd)
@@ -314,12 +356,14 @@ class LeanDecoder:
             keys[:, :, pos] = qk[nq:]
             values[:, pos] = qkv[0, (nq + nkv) * hd :].view(nkv, hd)
             q = qk[:nq].view(nkv, nq // nkv, hd).float()
-            scores = torch.bmm(q, keys[:, :, :n]).mul_(self.scaling)
-            attn = torch.bmm(scores.softmax(-1), values[:, :n]).view(1, nq * hd).to(self.dtype)
-            x.add_(layer.o(attn))
+            scores = torch.bmm(q, keys[:, :, lo:n]).mul_(self.scaling)
+            attn = torch.bmm(scores.softmax(-1), values[:, lo:n]).view(1, nq * hd).to(self.dtype)
+            out = layer.o(attn)
+            x.add_(out if layer.attn_out_norm is None else layer.attn_out_norm(out.float()))
             gu = layer.gate_up(layer.norm_post(x))
             inter = gu.shape[-1] // 2
-            x.add_(layer.down(layer.act(gu[:, :inter]) * gu[:, inter:]))
+            out = layer.down(layer.act(gu[:, :inter]) * gu[:, inter:])
+            x.add_(out if layer.mlp_out_norm is None else layer.mlp_out_norm(out.float()))
         return self.head(self.norm(x))[0].float()
 
 
