@@ -28,6 +28,13 @@ def generate(
     compile: Annotated[
         bool, typer.Option("--compile", help="static KV cache + torch.compile'd decode step (compiles first)")
     ] = False,
+    lean: Annotated[
+        bool,
+        typer.Option(
+            help="decode Llama-family models on the CPU with the lean step (fused int4 projections, "
+            "preallocated cache); --no-lean runs transformers' forward for every token"
+        ),
+    ] = True,
 ) -> None:
     """Generate text with a full-precision model or an int4 checkpoint (on int4 kernels)."""
     from gptq_format import CheckpointError
@@ -40,7 +47,7 @@ def generate(
         _fail(f"--kernel {kernel!r} is not one of {', '.join(KERNEL_CHOICES)}")
     try:
         options = GenerationOptions(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, compile=compile
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, compile=compile, lean=lean
         )
         m, tok, _ = load_for_inference(model, device=device, kernel=kernel)
     except (ValueError, ModelLoadError, CheckpointError, KernelUnavailableError, OSError) as e:
