@@ -245,8 +245,9 @@ class LeanCache:
 
     keys: list[torch.Tensor]  # [n_kv, head_dim, capacity] float32
     values: list[torch.Tensor]  # [n_kv, capacity, head_dim] float32
-    rope: dict[str, tuple[torch.Tensor, torch.Tensor]]  # table name: (cos, sin), [capacity, head_dim]
-    # in the model dtype; sin carries rotate_half's sign
+    # table name: (cos, sin), [capacity, n_q + n_kv, head_dim] float32; sin carries rotate_half's sign,
+    # and the query rows of both the attention scaling
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
     @property
     def capacity(self) -> int:
@@ -332,8 +333,11 @@ class LeanDecoder:
         rope = {}
         for name in {layer.rope for layer in self.layers}:
             cos, sin = self.rotary(probe, positions, name) if name else self.rotary(probe, positions)
-            # rotate_half(x) * sin == cat(x2, x1) * cat(-sin1, sin2): the sign goes into the table
-            rope[name] = (cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1))
+            # rotate_half(x) * sin == cat(x2, x1) * cat(-sin1, sin2): the sign goes into the table;
+            # q's rows also carry the attention scaling (rotation is linear), k's rows do not
+            sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
+            rows = torch.tensor([self.scaling] * self.n_q + [1.0] * self.n_kv)[None, :, None]
+            rope[name] = (cos[0, :, None, :].float() * rows, sin[:, None, :].float() * rows)
         return LeanCache(keys, values, rope)
 
     def step(self, cache: LeanCache, token: int, pos: int) -> torch.Tensor:
@@ -352,11 +356,12 @@ class LeanDecoder:
             qk = qkv[0, : (nq + nkv) * hd].view(nq + nkv, hd)
             if layer.q_norm is not None:
                 qk = torch.cat([layer.q_norm(qk[:nq]), layer.k_norm(qk[nq:])])
-            qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)  # rotate_half(qk) is a roll, sign in `sin`
+            # rotate_half(qk) is a roll (the sign is in `sin`); float32 from here on, q scaled already
+            qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)
             keys[:, :, pos] = qk[nq:]
             values[:, pos] = qkv[0, (nq + nkv) * hd :].view(nkv, hd)
-            q = qk[:nq].view(nkv, nq // nkv, hd).float()
-            scores = torch.bmm(q, keys[:, :, lo:n]).mul_(self.scaling)
+            q = qk[:nq].view(nkv, nq // nkv, hd)
+            scores = torch.bmm(q, keys[:, :, lo:n])
             attn = torch.bmm(scores.softmax(-1), values[:, lo:n]).view(1, nq * hd).to(self.dtype)
             out = layer.o(attn)
             x.add_(out if layer.attn_out_norm is None else layer.attn_out_norm(out.float()))
