@@ -3,7 +3,9 @@
 llama.cpp runs SmolLM2-135M-Instruct from the very GGUF file (Q4_1 layers, Q8_0 tied embedding /
 head) that rpiq's embedded default is converted from (`models.embedded`); rpiq runs a GPTQ w4g128
 checkpoint of the same weights (built once, as `benchmarks/decode.py` does), the same with the tied
-embedding / LM head as int8 rows (``int4+emb8``), and bf16 as the reference. rpiq decodes as the
+embedding / LM head as int8 rows (``int4+emb8``), the same with the LM head untied and GPTQ-quantized
+to int4 (``int4+emb8+head4``: half the head's bytes per token, +14 MB of weights), and bf16 as the
+reference. rpiq decodes as the
 product does (`models.decode_loop`: the model's forward for the prompt, `models.lean_decode` steps
 after it); ``int4+emb8 transformers`` is the same checkpoint with transformers' forward for every
 token (the path before the lean step), ``int4+emb8 compiled`` the opt-in `models.fast_decode`.
@@ -52,7 +54,7 @@ MODELS = {
     "smollm2": {"gguf": CACHE / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf", "prefix": "smollm2"},
     "gemma": {"gguf": CACHE / "gguf" / "gemma-3-270m-q4_k_m.gguf", "prefix": "gemma3-270m"},
 }
-ENGINES = ("llama.cpp", "int4", "int4+emb8", "int4+emb8 transformers", "int4+emb8 compiled", "bf16")
+ENGINES = ("llama.cpp", "int4", "int4+emb8", "int4+emb8+head4", "int4+emb8 transformers", "int4+emb8 compiled", "bf16")
 DEFAULT_ENGINES = ("llama.cpp", "int4", "int4+emb8", "int4+emb8 transformers", "bf16")
 
 
@@ -405,11 +407,12 @@ def main() -> None:
         "llama.cpp": str(ensure_gguf(args.model)) if "llama.cpp" in engines else "",
         "int4": CACHE / f"{prefix}-gptq-w4g128",
         "int4+emb8": CACHE / f"{prefix}-gptq-w4g128-emb8",
+        "int4+emb8+head4": CACHE / f"{prefix}-gptq-w4g128-emb8-head4",
         "bf16": str(fp_dir),
     }
-    for engine, emb in (("int4", "none"), ("int4+emb8", "int8")):
+    for engine, head, emb in (("int4", False, "none"), ("int4+emb8", False, "int8"), ("int4+emb8+head4", True, "int8")):
         if any(e.split(" ")[0] == engine for e in engines):
-            paths[engine] = in_child(_ensure_checkpoint_job, (str(paths[engine]), False, emb, str(fp_dir)))
+            paths[engine] = in_child(_ensure_checkpoint_job, (str(paths[engine]), head, emb, str(fp_dir)))
     paths["int4+emb8 compiled"] = paths["int4+emb8 transformers"] = paths["int4+emb8"]
     prompt, long_prompt = _prompts(fp_dir, args.prompt_tokens, args.long_prompt_tokens)
     base = {"threads": args.threads, "prompt": prompt, "long_prompt": long_prompt, "new_tokens": args.new_tokens}

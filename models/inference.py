@@ -26,6 +26,7 @@ from .int4 import KernelName
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
 Message = dict[str, Any]  # {"role": ..., "content": str | [{"type": "text" | "image", ...}]}
 FinishReason = Literal["stop", "length", "cancelled"]
+Decoder = Literal["lean", "transformers", "compiled"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class Generation:
     finish_reason: FinishReason  # stop: end of answer (EOS or a stop string); length: hit max_new_tokens
     first_token_s: float | None = None  # measured when text was streamed (`on_text`)
     prompt_truncated: bool = False  # the prompt was cut to the model's prompt budget (`fit_prompt`)
+    decoder: Decoder = "transformers"  # which loop made the tokens (`models.decode_loop` or transformers)
 
     @property
     def finished(self) -> bool:
@@ -277,7 +279,7 @@ def generate(
             model, tok, inputs["input_ids"], options, ends, streamer=streamer, should_stop=should_stop
         )
         new = torch.tensor(tokens, dtype=torch.long)
-        return _finish(tok, options, n_prompt, new, ends, time.perf_counter() - t0, cancelled, streamer)
+        return _finish(tok, options, n_prompt, new, ends, time.perf_counter() - t0, cancelled, streamer, "lean")
     kw = options.generate_kwargs()
     if options.stop:
         kw.update(stop_strings=list(options.stop), tokenizer=tok)
@@ -285,6 +287,7 @@ def generate(
         from .fast_decode import decode_kwargs
 
         kw.update(decode_kwargs(model, inputs, options.max_new_tokens))
+    decoder: Decoder = "compiled" if "compile_config" in kw else "transformers"
     out = model.generate(
         **inputs,
         **kw,
@@ -294,7 +297,8 @@ def generate(
         streamer=streamer,
     )
     cancelled = cancel is not None and cancel.fired
-    return _finish(tok, options, n_prompt, out[0, n_prompt:], ends, time.perf_counter() - t0, cancelled, streamer)
+    seconds = time.perf_counter() - t0
+    return _finish(tok, options, n_prompt, out[0, n_prompt:], ends, seconds, cancelled, streamer, decoder)
 
 
 def _finish(
@@ -306,6 +310,7 @@ def _finish(
     seconds: float,
     cancelled: bool,
     streamer: _Streamer | None,
+    decoder: Decoder,
 ) -> Generation:
     """The `Generation` report for the `new` token ids: text cut at the first stop string, and why it ended."""
     text = tok.decode(new, skip_special_tokens=True)
@@ -320,7 +325,7 @@ def _finish(
     else:
         reason = "stop"
     first = streamer.first_s if streamer else None
-    return Generation(text.strip(), n_prompt, n_new, seconds, reason, first)
+    return Generation(text.strip(), n_prompt, n_new, seconds, reason, first, decoder=decoder)
 
 
 def generate_text(

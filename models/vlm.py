@@ -26,7 +26,6 @@ import torch
 log = logging.getLogger(__name__)
 
 
-
 class ProcessorLoadError(ValueError):
     pass
 

@@ -279,6 +279,7 @@ async def generate(rt: Runtime, ctx: RequestCtx, messages: list[Message], opts: 
 def record_generation(rt: Runtime, ctx: RequestCtx, result: Generation) -> None:
     """Tokens and speed; a cancelled generation (not a deadline stop: its request counts that) as cancelled."""
     rt.metrics.tokens.inc(result.completion_tokens)
+    rt.metrics.decodes.labels(decoder=result.decoder).inc()
     if result.completion_tokens:
         rt.metrics.tokens_per_second.set(result.tokens_per_second)
     if finish_reason(ctx, result) == "cancelled":

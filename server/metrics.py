@@ -38,6 +38,12 @@ class Metrics:
         )
         self.tokens = Counter("rpiq_generated_tokens", "tokens generated", registry=r)
         self.tokens_per_second = Gauge("rpiq_tokens_per_second", "decode speed of the last generation", registry=r)
+        self.decodes = Counter(
+            "rpiq_decodes",
+            "generations by decode loop (lean: models.lean_decode; transformers)",
+            ["decoder"],
+            registry=r,
+        )
         self.first_audio = Histogram(
             "rpiq_time_to_first_audio_seconds", "request start to first audio chunk (streaming)",
             buckets=LATENCY_BUCKETS, registry=r,

@@ -14,7 +14,6 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-
 def _check_device(device: str) -> None:
     import torch
 

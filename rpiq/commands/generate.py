@@ -61,5 +61,5 @@ def generate(
     console.print(
         f"[dim]{result.completion_tokens} tokens in {result.seconds:.2f} s ({result.tokens_per_second:.1f} tokens/s); "
         f"{'stopped at end of answer' if result.finished else 'hit --max-new-tokens'}; "
-        f"kernels {getattr(m, 'int4_kernels', 'none (full precision)')}[/]"
+        f"kernels {getattr(m, 'int4_kernels', 'none (full precision)')}; decoder {result.decoder}[/]"
     )

@@ -153,4 +153,3 @@ def _colours(rgb: np.ndarray, objects: list[DetectedObject]) -> tuple[list[Colou
         named = dominant_colours(centre_region(region, 0.6), clusters=3, min_share=0.25)
         obj.colour = " and ".join(c.name for c in named[:2]) or None
     return dominant_colours(rgb), dominant_colours(centre_region(rgb))
-

@@ -27,6 +27,8 @@ def test_serve_an_int4_checkpoint(tiny_model_dir, tmp_path):
             assert card["id"] == "tiny-w4" and card["quantized"] is True
             r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5})
             assert r.status_code == 200 and 1 <= r.json()["usage"]["completion_tokens"] <= 5
+            # the product's decode loop: the lean step on the int4 layers, not transformers' forward
+            assert 'rpiq_decodes_total{decoder="lean"} 1.0' in c.get("/metrics").text
             r = c.post("/v1/read", json={"image": "iVBORw0KGgo="})
             assert r.status_code == 503 and r.json()["error"]["code"] == "ocr_unavailable"
     finally:
