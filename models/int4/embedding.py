@@ -49,6 +49,13 @@ class QuantEmbedding(nn.Module):
     def rows(self) -> Int8Rows:
         return Int8Rows(qweight=self.qweight, scales=self.scales)
 
+    def scales_in(self, dtype: torch.dtype) -> torch.Tensor:
+        """The row scales in `dtype`, converted once (the tied head asks for them every token)."""
+        cached = self.__dict__.setdefault("_scales_by_dtype", {})
+        if dtype not in cached or cached[dtype].device != self.scales.device:
+            cached[dtype] = self.scales.to(dtype)
+        return cached[dtype]
+
     def weight_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
 
@@ -56,11 +63,15 @@ class QuantEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows, dtype={self.dtype}"
 
 
-def int8_rows_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``x @ (scales[:, None] * qweight)^T`` for a 2-D `x`, in `x`'s dtype, never dequantizing the whole table."""
+def int8_rows_matmul(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, scales_like_x: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ (scales[:, None] * qweight)^T`` for a 2-D `x`, in `x`'s dtype, never dequantizing the whole table.
+    `scales_like_x`: the same scales already in `x`'s dtype (the int8 kernel's operand), if the caller keeps them."""
     fast = hasattr(torch.ops.aten, "_weight_int8pack_mm") and x.device.type == "cpu"
     if fast and x.shape[0] <= INT8PACK_MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16):
-        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), qweight, scales.to(x.dtype))
+        lowp = scales_like_x if scales_like_x is not None else scales.to(x.dtype)
+        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), qweight, lowp)
     out = torch.empty(x.shape[0], qweight.shape[0], dtype=x.dtype, device=x.device)
     for start in range(0, qweight.shape[0], CHUNK_ROWS):
         stop = start + CHUNK_ROWS
@@ -85,7 +96,8 @@ class QuantTiedHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         emb = self.embedding
-        y = int8_rows_matmul(x.reshape(-1, self.in_features), emb.qweight, emb.scales)
+        x2 = x.reshape(-1, self.in_features)
+        y = int8_rows_matmul(x2, emb.qweight, emb.scales, emb.scales_in(x.dtype))
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
