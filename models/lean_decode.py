@@ -343,6 +343,7 @@ class LeanDecoder:
     def step(self, cache: LeanCache, token: int, pos: int) -> torch.Tensor:
         """Logits [vocab] (float32) for the token after `token`, which sits at position `pos`."""
         hd, nq, nkv, half = self.head_dim, self.n_q, self.n_kv, self.head_dim // 2
+        sizes, group = ((nq + nkv) * hd, nkv * hd), nq // nkv
         # The residual stream stays float32 (transformers keeps it in the model dtype): fewer casts,
         # and one rounding less per layer; what enters every matmul is in the model dtype as there.
         x = self.embed(torch.tensor([token])).float()  # [1, hidden]
@@ -351,23 +352,20 @@ class LeanDecoder:
         for layer, keys, values in zip(self.layers, cache.keys, cache.values, strict=True):
             cos, sin = rope[layer.rope]
             lo = 0 if layer.window is None else max(0, n - layer.window)
-            h = layer.norm_in(x)
-            qkv = layer.qkv(h)
-            qk = qkv[0, : (nq + nkv) * hd].view(nq + nkv, hd)
+            qk, v = layer.qkv(layer.norm_in(x)).view(-1).split(sizes)
+            qk = qk.view(nq + nkv, hd)
             if layer.q_norm is not None:
                 qk = torch.cat([layer.q_norm(qk[:nq]), layer.k_norm(qk[nq:])])
             # rotate_half(qk) is a roll (the sign is in `sin`); float32 from here on, q scaled already
-            qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)
-            keys[:, :, pos] = qk[nq:]
-            values[:, pos] = qkv[0, (nq + nkv) * hd :].view(nkv, hd)
-            q = qk[:nq].view(nkv, nq // nkv, hd)
-            scores = torch.bmm(q, keys[:, :, lo:n])
-            attn = torch.bmm(scores.softmax(-1), values[:, lo:n]).view(1, nq * hd).to(self.dtype)
+            q, k = torch.addcmul(qk * cos, qk.roll(half, -1), sin).split((nq, nkv))
+            keys.select(2, pos).copy_(k)
+            values.select(1, pos).copy_(v.view(nkv, hd))
+            scores = torch.bmm(q.view(nkv, group, hd), keys.narrow(2, lo, n - lo))
+            attn = torch.bmm(scores.softmax(-1), values.narrow(1, lo, n - lo)).view(1, nq * hd).to(self.dtype)
             out = layer.o(attn)
             x.add_(out if layer.attn_out_norm is None else layer.attn_out_norm(out.float()))
-            gu = layer.gate_up(layer.norm_post(x))
-            inter = gu.shape[-1] // 2
-            out = layer.down(layer.act(gu[:, :inter]) * gu[:, inter:])
+            gate, up = layer.gate_up(layer.norm_post(x)).chunk(2, -1)
+            out = layer.down(layer.act(gate).mul_(up))
             x.add_(out if layer.mlp_out_norm is None else layer.mlp_out_norm(out.float()))
         return self.head(self.norm(x))[0].float()
 
