@@ -239,8 +239,9 @@ def _rpiq_compiled(model, job: dict, rss_base: float, load_s: float) -> dict:
     return row
 
 
-def profile_decode(path: str, threads: int, steps: int = 32) -> None:
-    """torch.profiler over `steps` int4 decode steps after a 128-token prefill: where a token's time goes."""
+def profile_decode(path: str, threads: int, steps: int = 32, transformers: bool = False) -> None:
+    """torch.profiler over `steps` decode steps after a 128-token prefill: where a token's time goes.
+    The product's lean step (`models.lean_decode`), or with `transformers` the model's own forward."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -248,19 +249,18 @@ def profile_decode(path: str, threads: int, steps: int = 32) -> None:
 
     torch.set_num_threads(threads)
     model, _, _ = load_for_inference(path)
+    job = {"prompt": list(range(1000, 1128)), "long_prompt": [], "new_tokens": 2 * steps, "engine": "profile"}
+    prefill, step = _transformers_steps(model) if transformers else _lean_steps(model, job)
     with torch.inference_mode():
-        out = model(input_ids=torch.arange(1000, 1128)[None], use_cache=True, logits_to_keep=1)
-        past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        tok = prefill(job["prompt"])
         t0 = time.perf_counter()
         for _ in range(steps):  # warm-up, and the step time without the profiler's own overhead
-            out = model(input_ids=tok, past_key_values=past, use_cache=True)
-            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            tok = step(tok)
         plain = (time.perf_counter() - t0) / steps
         t0 = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
-                out = model(input_ids=tok, past_key_values=past, use_cache=True)
-                tok = out.logits[:, -1].argmax(-1, keepdim=True)
+                tok = step(tok)
         wall = (time.perf_counter() - t0) / steps
     events = prof.key_averages()
     print(events.table(sort_by="self_cpu_time_total", row_limit=20))
@@ -380,10 +380,11 @@ def main() -> None:
     )
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--profile", metavar="CHECKPOINT", help="profile rpiq decode steps of CHECKPOINT and exit")
+    ap.add_argument("--profile-transformers", action="store_true", help="--profile transformers' forward instead")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.profile:
-        profile_decode(args.profile, args.threads)
+        profile_decode(args.profile, args.threads, transformers=args.profile_transformers)
         return
     if args.worker:
         job = json.loads(args.worker)
