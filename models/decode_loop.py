@@ -26,9 +26,8 @@ from .lean_decode import LeanDecoder, prefill, unsupported
 
 
 def unavailable(model: Any, inputs: dict[str, Any]) -> str | None:
-    """Why this request decodes through transformers instead (None: the lean loop takes it)."""
-    if not set(inputs) <= {"input_ids", "attention_mask"}:
-        return "inputs other than text (images) decode through transformers"
+    """Why this request decodes through transformers instead (None: the lean loop takes it). Photos
+    are fine: the model's own forward reads them with the prompt, and the steps after are text."""
     if inputs["input_ids"].shape[0] != 1:
         return "batched inputs decode through transformers"
     return unsupported(model)
@@ -52,21 +51,23 @@ def processors(model: Any, options: Any) -> LogitsProcessorList:
 def decode(
     model: Any,
     tok: Any,
-    input_ids: torch.Tensor,
+    inputs: dict[str, Any],
     options: Any,
     ends: list[int],
     *,
     streamer: Any = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> tuple[list[int], bool]:
-    """(new token ids, whether `should_stop` ended it) for the [1, n] prompt `input_ids`.
+    """(new token ids, whether `should_stop` ended it) for the prompt `inputs` (`input_ids` [1, n], and
+    for a vision-language model its image tensors).
 
     Stops after an end token (kept, as transformers keeps it), at `options.max_new_tokens`, once the
     new text contains one of `options.stop`, or when `should_stop()` turns true after a token.
     """
     lean = LeanDecoder.for_model(model)
-    n = int(input_ids.shape[1])
-    logits, prompt_cache = prefill(model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)})
+    input_ids = inputs["input_ids"]
+    logits, prompt_cache = prefill(model, {"attention_mask": torch.ones_like(input_ids), **inputs})
+    n = prompt_cache.get_seq_length()  # the positions the prompt took (image tokens included)
     cache = lean.start(prompt_cache, n + options.max_new_tokens)
     del prompt_cache
     procs = processors(model, options)

@@ -276,7 +276,7 @@ def generate(
     n_prompt = int(inputs["input_ids"].shape[1])
     if options.lean and not options.compile and decode_loop.unavailable(model, inputs) is None:
         tokens, cancelled = decode_loop.decode(
-            model, tok, inputs["input_ids"], options, ends, streamer=streamer, should_stop=should_stop
+            model, tok, inputs, options, ends, streamer=streamer, should_stop=should_stop
         )
         new = torch.tensor(tokens, dtype=torch.long)
         return _finish(tok, options, n_prompt, new, ends, time.perf_counter() - t0, cancelled, streamer, "lean")

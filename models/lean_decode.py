@@ -212,8 +212,9 @@ class _Layer:
 
 
 def unsupported(model: Any) -> str | None:
-    """Why `model` cannot decode through `LeanDecoder` (None: it can)."""
-    config = model.config
+    """Why `model` cannot decode through `LeanDecoder` (None: it can). A vision-language model is judged
+    by its language model (LLaVA and Idefics3 decode Llama after the photo; Qwen2-VL's M-RoPE does not)."""
+    config = model.config.get_text_config()
     if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
         return f"model type {getattr(config, 'model_type', None)!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
     for key, what in _UNSUPPORTED_CONFIG.items():
@@ -261,7 +262,7 @@ class LeanDecoder:
 
     def __init__(self, model: Any) -> None:
         decoder = model.get_decoder()
-        config = model.config
+        config = model.config.get_text_config()
         attn0 = decoder.layers[0].self_attn
         self.head_dim = attn0.head_dim
         self.n_kv = config.num_key_value_heads

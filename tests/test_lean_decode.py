@@ -171,7 +171,6 @@ def test_stops_cancellation_and_sampling_mean_what_they_mean_on_transformers(tok
 def test_what_the_lean_step_does_not_implement_decodes_through_transformers(tok):
     assert "opt" in lean_decode.unsupported(tiny_model("opt"))
     llama = _float("llama")
-    assert "images" in decode_loop.unavailable(llama, {**_inputs(), "pixel_values": torch.zeros(1)})
     assert "batched" in decode_loop.unavailable(llama, {"input_ids": PROMPT.repeat(2, 1)})
     windowed = _float("qwen2")
     windowed.config.sliding_window, windowed.config.use_sliding_window = 4, True
@@ -182,3 +181,33 @@ def test_what_the_lean_step_does_not_implement_decodes_through_transformers(tok)
     # and such a model still answers, through transformers
     result, _ = _run(capped, tok, max_new_tokens=4)
     assert result.completion_tokens == 4
+
+
+@pytest.mark.parametrize("family", ["llava", "idefics3"])
+def test_vision_language_models_decode_the_answer_to_a_photo_as_transformers_does(family):
+    """The photo goes through the model's own forward with the prompt; the steps after are the lean ones."""
+    from PIL import Image
+
+    from models.vlm import chat_inputs
+
+    from . import tiny_vlms
+
+    vlm = getattr(tiny_vlms, family)()
+    model, processor = vlm.model, vlm.processor
+    assert lean_decode.unsupported(model) is None
+    image = Image.new("RGB", (64, 48), (200, 30, 30))
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What?"}]}]
+    inputs = chat_inputs(model, processor, messages)
+    assert decode_loop.unavailable(model, inputs) is None
+    tok = processor.tokenizer
+    want = generate(model, tok, inputs, GenerationOptions(max_new_tokens=12, lean=False))
+    got = generate(model, tok, inputs, GenerationOptions(max_new_tokens=12))
+    assert (got.decoder, want.decoder) == ("lean", "transformers")
+    assert (got.text, got.completion_tokens) == (want.text, want.completion_tokens)
+    assert want.completion_tokens == 12 and len(set(want.text)) > 2  # a real answer, not an early end
+
+
+def test_qwen2_vl_m_rope_decodes_through_transformers():
+    from . import tiny_vlms
+
+    assert "qwen2_vl_text" in lean_decode.unsupported(tiny_vlms.qwen2_vl().model)
