@@ -41,9 +41,12 @@ def _json_tail(output: str) -> dict:
 
 def test_quantize_then_eval_a_checkpoint(small_model_dir, tmp_path):
     out = tmp_path / "q"
+    # A recipe turns stage 2's ridge off, so its layer loss never ends above GPTQ's (asserted below).
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"refine": {"percdamp": 0.0}}))
     args = [
-        "quantize", str(small_model_dir), "--out", str(out), "--method", "rpiq", "--bits", "4",
-        "--group-size", "64", "--nsamples", "4", "--seqlen", "64", "--eval", "heldout",
+        "quantize", str(small_model_dir), "--out", str(out), "--recipe", str(recipe), "--method", "rpiq",
+        "--bits", "4", "--group-size", "64", "--nsamples", "4", "--seqlen", "64", "--eval", "heldout",
         "--eval-seqlen", "64", "--eval-windows", "2", "--no-progress",
     ]  # fmt: skip
     res = runner.invoke(app, args)

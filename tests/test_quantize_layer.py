@@ -24,8 +24,16 @@ from tests.layers import realistic_layer
 SHAPES = [(192, 256), (768, 768), (256, 320)]  # (out, in); 320 = 2.5 groups of 128
 
 
+UNRIDGED = {"percdamp": 0.0}
+"""Stage 2 on the undamped layer loss, the objective these tests hold it to (a keyword overrides it).
+Only there does the closed loop guarantee never ending above GPTQ's layer loss; the shipped default
+adds a ridge (`RefineConfig.percdamp`), chosen by held-out perplexity, that trades layer loss on the
+calibration tokens for fidelity to the weights (`test_stage2_ridge_objective_is_monotone_and_keeps_weights_closer`)."""
+
+
 def _cfg(method: str, bits: int, group_size: int, **fields):
     """`method`'s config; each keyword goes to the section (refine, ablation, calibration) that has it."""
+    fields = {**UNRIDGED, **fields}
     sections = {"refine": RefineConfig, "ablation": AblationConfig, "calibration": CalibrationConfig}
     chosen = {name: {k: v for k, v in fields.items() if k in cls.model_fields} for name, cls in sections.items()}
     assert {k for kw in chosen.values() for k in kw} == set(fields), fields
@@ -133,6 +141,7 @@ def test_act_order_keeps_g_idx_consistent():
             "rpiq",
             grid=GridConfig(bits=3, group_size=64),
             gptq=GPTQConfig(act_order=act, static_groups=static, block_size=64),
+            refine=RefineConfig(**UNRIDGED),  # compares layer losses, which the ridge trades away
         )
         qw, rep = quantize_weight(layer.W, layer.H, cfg)
         assert layer_loss(layer.W, qw.dequantize(), layer.H) == pytest.approx(rep.loss_final, rel=1e-4)
