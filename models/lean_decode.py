@@ -144,16 +144,16 @@ class _RMSNorm(nn.Module):
 
     def __init__(self, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> None:
         super().__init__()
-        self.weight, self.dtype = weight.detach().float(), dtype
-        self.eps = torch.tensor(eps, dtype=torch.float32)
-        self.inv_dim = 1.0 / weight.shape[-1]
+        self.dtype, self.eps, self.dim = dtype, eps, weight.shape[-1]
+        self.twice = torch.cat([weight, weight]).detach().float()
+        self.shape = (2 * self.dim,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x * rsqrt(mean(x^2) + eps) * w, with the mean from one norm kernel: torch.rms_norm is a
-        # composite of ~9 ops on the CPU, this is 6 (a third less time for one token's vector).
-        n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-        scale = torch.addcmul(self.eps, n, n, value=self.inv_dim).rsqrt_()
-        return torch.mul(x, scale).mul_(self.weight).to(self.dtype)
+        # RMSNorm is LayerNorm of a zero-mean vector: [x, -x] has mean 0 and variance mean(x^2), so
+        # one fused layer_norm kernel gives x * rsqrt(mean(x^2) + eps) * w in its first half
+        # (torch.rms_norm is a composite of ~9 ops on the CPU).
+        z = torch.cat([x, x.neg()], dim=-1)
+        return F.layer_norm(z, self.shape, self.twice, None, self.eps)[..., : self.dim].to(self.dtype)
 
 
 class _AsIs(nn.Module):
