@@ -75,9 +75,9 @@ def decode(
     if streamer is not None:
         streamer.put(input_ids.cpu())
     new: list[int] = []
+    sample, cancelled = options.temperature > 0, False
     while True:
         scores = procs(ids[None], logits[None])[0] if procs else logits
-        sample = options.temperature > 0
         token = int(torch.multinomial(scores.softmax(-1), 1)) if sample else int(scores.argmax())
         new.append(token)
         if procs:
@@ -89,10 +89,9 @@ def decode(
         if options.stop and any(s in tok.decode(new, skip_special_tokens=True) for s in options.stop if s):
             break
         if should_stop is not None and should_stop():
-            if streamer is not None:
-                streamer.end()
-            return new, True
+            cancelled = True
+            break
         logits = lean.step(cache, token, n + len(new) - 1)
     if streamer is not None:
         streamer.end()
-    return new, False
+    return new, cancelled

@@ -16,8 +16,8 @@ weights with ~40 ops a layer:
 The prompt is still run by the model's own forward (any attention implementation, images too);
 its cache is copied into the lean one, and only the one-token steps run here. Which decoders can
 run is data (`SUPPORTED_MODEL_TYPES`); anything else, and any layer shape the step does not know
-(sliding windows, logit soft-capping, dynamic rope), is refused with a reason and decodes through
-transformers as before.
+(Qwen2's per-layer windows, soft-capping, dynamic rope, M-RoPE), is refused with a reason
+(`unsupported`) and decodes through transformers as before.
 """
 
 from __future__ import annotations
@@ -208,7 +208,6 @@ class _Layer:
     mlp_out_norm: Callable[[torch.Tensor], torch.Tensor] | None  # Gemma: on the MLP's output
     window: int | None  # sliding-window layers attend to the last `window` positions only
     rope: str  # which rotary table (Gemma: local for sliding layers, global for the others)
-    modules: list[nn.Module]  # what the callables belong to (fused projections, rewritten norms)
 
 
 def unsupported(model: Any) -> str | None:
@@ -249,10 +248,6 @@ class LeanCache:
     # table name: (cos, sin), [capacity, n_q + n_kv, head_dim] float32; sin carries rotate_half's sign,
     # and the query rows of both the attention scaling
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]]
-
-    @property
-    def capacity(self) -> int:
-        return self.values[0].shape[1]
 
 
 class LeanDecoder:
@@ -299,12 +294,7 @@ class LeanDecoder:
         window = getattr(config, "sliding_window", None) if layer_type == "sliding_attention" else None
         if config.model_type == "mistral":  # Mistral slides every layer's window when it has one
             window = getattr(config, "sliding_window", None)
-        return _Layer(
-            **calls,
-            window=window,
-            rope=layer_type if self.rope_by_type else "",
-            modules=[v for v in parts.values() if v is not None],
-        )
+        return _Layer(**calls, window=window, rope=layer_type if self.rope_by_type else "")
 
     @classmethod
     def for_model(cls, model: Any) -> LeanDecoder:
