@@ -76,11 +76,14 @@ def bits_per_weight(weights) -> float:
 
 
 def quality_job(job: dict) -> dict:
-    """One method on one grid with one calibration seed; runs in a fresh child process."""
+    """One method on one grid with one calibration seed; runs in a fresh child process. A ``refine``
+    entry (RefineConfig fields) overrides stage 2's settings (`benchmarks/stage2_tuning.py`)."""
+    import statistics
+
     import torch
 
     from models.loading import load_fp_model
-    from quantizer.config import CalibrationConfig, GridConfig, quant_config
+    from quantizer.config import CalibrationConfig, GridConfig, RefineConfig, quant_config
     from quantizer.data import calibration_windows, evaluation_windows, load_text
     from quantizer.evaluate import perplexity
     from quantizer.pipeline import quantize_model
@@ -95,12 +98,21 @@ def quality_job(job: dict) -> dict:
         method, mode, compensate = SPECS[job["method"]]
         damp = {} if job.get("comp_damp") is None else {"compensation_percdamp": job["comp_damp"]}
         cal = CalibrationConfig(mode=mode, compensate=compensate, **damp)
-        cfg = quant_config(method, grid=GridConfig(bits=job["bits"], group_size=job["group_size"]), calibration=cal)
+        refine = {} if job.get("refine") is None else {"refine": RefineConfig(**job["refine"])}
+        grid = GridConfig(bits=job["bits"], group_size=job["group_size"])
+        cfg = quant_config(method, grid=grid, calibration=cal, **refine)
         t0 = time.perf_counter()
         res = quantize_model(model, calib, cfg, progress=False)
         row["quantize_seconds"] = time.perf_counter() - t0
         row["layer_loss_sum"] = res.total_loss
         row["bits_per_weight"] = bits_per_weight(res.weights)
+        if method == "rpiq":  # what stage 2 did: its settings, time, and the loss stage 1 left it
+            rounds_run = [len(r.objective_rounds) for r in res.reports if r.objective_rounds]
+            row["refine_config"] = cfg.refine.model_dump()
+            row["stage1_seconds"] = sum(r.time_gptq_s for r in res.reports)
+            row["stage2_seconds"] = sum(r.time_refine_s for r in res.reports)
+            row["layer_loss_stage1_sum"] = sum(r.loss_gptq for r in res.reports)
+            row["stage2_rounds_run_mean"] = statistics.fmean(rounds_run) if rounds_run else 0.0
     row["peak_rss_mb"] = peak_rss_mb()
     for text in job["evals"]:
         ev = evaluation_windows(tok, load_text(text), job["eval_seqlen"], max_windows=job["eval_windows"])

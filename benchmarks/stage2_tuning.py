@@ -21,14 +21,13 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-from memory import in_child, peak_rss_mb
-from report import bits_per_weight
+from memory import in_child
+from report import quality_job
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -52,42 +51,9 @@ DEFAULT_GRID = "r0,r1,r2,r4,r1-a0.5,r4-a0.5,r4-ridge0.1,r4-ridge1,r4-b256"
 
 
 def stage2_job(job: dict) -> dict:
-    """RPIQ sequential + compensation with one stage-2 setting; runs in a fresh child process."""
+    """RPIQ sequential + compensation (the report's "rpiq") with one stage-2 setting, in a child process."""
     t_job = time.perf_counter()
-    import torch
-
-    from models.loading import load_fp_model
-    from quantizer.config import CalibrationConfig, GridConfig, RefineConfig, quant_config
-    from quantizer.data import calibration_windows, evaluation_windows, load_text
-    from quantizer.evaluate import perplexity
-    from quantizer.pipeline import quantize_model
-
-    torch.manual_seed(0)
-    torch.set_num_threads(job["threads"])
-    model, tok, _ = load_fp_model(job["model"])
-    calib = calibration_windows(tok, load_text("calib"), job["nsamples"], job["seqlen"], seed=job["seed"])
-    cfg = quant_config(
-        "rpiq",
-        grid=GridConfig(bits=job["bits"], group_size=job["group_size"]),
-        refine=RefineConfig(**job["refine"]),
-        calibration=CalibrationConfig(mode="sequential", compensate=True),
-    )
-    t0 = time.perf_counter()
-    res = quantize_model(model, calib, cfg, progress=False)
-    row = dict(job)
-    row["refine_config"] = cfg.refine.model_dump()
-    row["quantize_seconds"] = time.perf_counter() - t0
-    row["stage1_seconds"] = sum(r.time_gptq_s for r in res.reports)
-    row["stage2_seconds"] = sum(r.time_refine_s for r in res.reports)
-    row["layer_loss_sum"] = res.total_loss
-    row["layer_loss_stage1_sum"] = sum(r.loss_gptq for r in res.reports)
-    rounds_run = [len(r.objective_rounds) for r in res.reports if r.objective_rounds]
-    row["stage2_rounds_run_mean"] = statistics.fmean(rounds_run) if rounds_run else 0.0
-    row["bits_per_weight"] = bits_per_weight(res.weights)
-    row["peak_rss_mb"] = peak_rss_mb()  # before evaluation: the quantization's own peak
-    for text in job["evals"]:
-        ev = evaluation_windows(tok, load_text(text), job["eval_seqlen"], max_windows=job["eval_windows"])
-        row[f"ppl_{text}"] = perplexity(model, ev)
+    row = quality_job({**job, "method": "rpiq"})
     row["job_seconds"] = time.perf_counter() - t_job
     return row
 
