@@ -93,6 +93,14 @@ class _Fused(nn.Module):
         )
         return same and _packs_by_rows(tuple(la.out_padded for la in layers))
 
+    def call(self, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The projection for inputs of `dtype`: the bare kernel when nothing needs adapting (a Python
+        call less per projection, four a layer, every token), else `forward`."""
+        if dtype != torch.bfloat16 or self.pad or self.bias is not None:
+            return self.forward
+        packed, group, scale_and_zero = self.packed, self.group, self.scale_and_zero
+        return lambda x: _INT4_MM(x, packed, group, scale_and_zero)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)  # the kernel's activation dtype
         if self.pad:
@@ -139,8 +147,14 @@ def _single(layer: nn.Module) -> nn.Module:
 
 
 class _RMSNorm(nn.Module):
-    """A Llama RMSNorm (``weight * x / rms(x)``) of the float32 residual stream in one kernel, rounded
-    once to the model dtype (transformers rounds before the weight too; the difference is a bf16 ulp)."""
+    """A Llama RMSNorm (``weight * x / rms(x)``) in one kernel, rounded once to the model dtype
+    (transformers rounds before the weight too; the difference is a bf16 ulp).
+
+    RMSNorm is LayerNorm of a zero-mean vector: ``[x, -x]`` has mean 0 and variance mean(x^2), so one
+    fused ``layer_norm`` gives ``x * rsqrt(mean(x^2) + eps) * w`` in its first half (``torch.rms_norm``
+    is a composite of ~9 ops on the CPU). The step keeps its residual stream in that doubled form
+    (`forward`); a single vector (Gemma's norms on a block's output) is doubled here (`single`).
+    """
 
     def __init__(self, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> None:
         super().__init__()
@@ -148,22 +162,24 @@ class _RMSNorm(nn.Module):
         self.twice = torch.cat([weight, weight]).detach().float()
         self.shape = (2 * self.dim,)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # RMSNorm is LayerNorm of a zero-mean vector: [x, -x] has mean 0 and variance mean(x^2), so
-        # one fused layer_norm kernel gives x * rsqrt(mean(x^2) + eps) * w in its first half
-        # (torch.rms_norm is a composite of ~9 ops on the CPU).
-        z = torch.cat([x, x.neg()], dim=-1)
-        return F.layer_norm(z, self.shape, self.twice, None, self.eps)[..., : self.dim].to(self.dtype)
+    def forward(self, doubled: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(doubled, self.shape, self.twice, None, self.eps)[..., : self.dim].to(self.dtype)
+
+    def single(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(torch.cat([x, x.neg()], dim=-1).float())
 
 
 class _AsIs(nn.Module):
-    """Any other norm module, given the residual stream in the model dtype as transformers does."""
+    """Any other norm module, given the residual stream's first half in the model dtype as transformers does."""
 
     def __init__(self, module: nn.Module, dtype: torch.dtype) -> None:
         super().__init__()
         self.module, self.dtype = module, dtype
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, doubled: torch.Tensor) -> torch.Tensor:
+        return self.module(doubled[..., : doubled.shape[-1] // 2].to(self.dtype))
+
+    def single(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x.to(self.dtype))
 
 
@@ -178,8 +194,8 @@ _RMS_NORMS = {
 }
 
 
-def _norm(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """The norm of a float32 vector, returning the model dtype."""
+def _norm(module: nn.Module, dtype: torch.dtype) -> _RMSNorm | _AsIs:
+    """The norm of the doubled float32 residual stream (`_RMSNorm`), returning the model dtype."""
     known = _RMS_NORMS.get(type(module).__name__)
     if known is not None:
         offset, eps = known
@@ -208,6 +224,7 @@ class _Layer:
     mlp_out_norm: Callable[[torch.Tensor], torch.Tensor] | None  # Gemma: on the MLP's output
     window: int | None  # sliding-window layers attend to the last `window` positions only
     rope: str  # which rotary table (Gemma: local for sliding layers, global for the others)
+    projections: dict[str, nn.Module]  # the modules behind qkv, o, gate_up and down (`_Fused` where fused)
 
 
 def unsupported(model: Any) -> str | None:
@@ -241,12 +258,15 @@ _BUILD_LOCK = threading.Lock()
 
 @dataclass
 class LeanCache:
-    """One generation's state: keys (transposed) and values per layer, and the rotary table."""
+    """One generation's state: per layer one key-value buffer (one copy a token writes both), and the
+    rotary tables. `keys` and `values` are views of `kv` in the shapes the attention's matmuls take."""
 
-    keys: list[torch.Tensor]  # [n_kv, head_dim, capacity] float32
-    values: list[torch.Tensor]  # [n_kv, capacity, head_dim] float32
-    # table name: (cos, sin), [capacity, n_q + n_kv, head_dim] float32; sin carries rotate_half's sign,
-    # and the query rows of both the attention scaling
+    kv: list[torch.Tensor]  # [capacity, 2 * n_kv, head_dim] float32: a position's keys, then its values
+    keys: list[torch.Tensor]  # [n_kv, head_dim, capacity], a view of kv
+    values: list[torch.Tensor]  # [n_kv, capacity, head_dim], a view of kv
+    # table name: (cos, sin), [capacity, n_q + 2 * n_kv, head_dim] float32 for the projection's rows
+    # (q, k, v): sin carries rotate_half's sign, the q rows carry the attention scaling, and the v rows
+    # are cos 1, sin 0 (rotating all rows at once is one op fewer than splitting v off first)
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -267,8 +287,10 @@ class LeanDecoder:
         self.embed = decoder.embed_tokens.forward
         self.rotary = decoder.rotary_emb
         self.rope_by_type = "layer_type" in inspect.signature(self.rotary.forward).parameters
+        self.roll = torch.arange(self.head_dim).roll(self.head_dim // 2)  # rotate_half's column order
         self.norm = _norm(decoder.norm, self.dtype).forward
-        self.head = _single(model.get_output_embeddings()).forward
+        head = _single(model.get_output_embeddings())
+        self.head = head.call(self.dtype) if isinstance(head, _Fused) else head.forward
         self.layers = [self._layer(i, layer, config) for i, layer in enumerate(decoder.layers)]
 
     def _layer(self, index: int, layer: nn.Module, config: Any) -> _Layer:
@@ -290,11 +312,17 @@ class LeanDecoder:
             "mlp_out_norm": _norm(layer.post_feedforward_layernorm, self.dtype) if sandwich else None,
         }
         calls = {k: None if v is None else v.forward for k, v in parts.items()}
+        for k in ("qkv", "o", "gate_up", "down"):
+            if isinstance(parts[k], _Fused):
+                calls[k] = parts[k].call(self.dtype)
+        for k in ("attn_out_norm", "mlp_out_norm"):  # these norm a block's output, not the residual stream
+            calls[k] = None if parts[k] is None else parts[k].single
         layer_type = (getattr(config, "layer_types", None) or ["full_attention"] * (index + 1))[index]
         window = getattr(config, "sliding_window", None) if layer_type == "sliding_attention" else None
         if config.model_type == "mistral":  # Mistral slides every layer's window when it has one
             window = getattr(config, "sliding_window", None)
-        return _Layer(**calls, window=window, rope=layer_type if self.rope_by_type else "")
+        projections = {k: parts[k] for k in ("qkv", "o", "gate_up", "down")}
+        return _Layer(**calls, window=window, rope=layer_type if self.rope_by_type else "", projections=projections)
 
     @classmethod
     def for_model(cls, model: Any) -> LeanDecoder:
@@ -310,16 +338,16 @@ class LeanDecoder:
         n = cache.get_seq_length()
         if capacity < n + 1:
             raise ValueError(f"capacity {capacity} does not hold the {n}-token prompt and one more token")
-        keys, values = [], []
+        kvs, keys, values, nkv = [], [], [], self.n_kv
         for i in range(len(self.layers)):
             k, v = cache.layers[i].keys[0], cache.layers[i].values[0]  # [n_kv, kept, head_dim]
             kept = k.shape[1]  # a sliding-window layer keeps only the last positions
-            kb = torch.empty(self.n_kv, self.head_dim, capacity, dtype=ATTENTION_DTYPE)
-            vb = torch.empty(self.n_kv, capacity, self.head_dim, dtype=ATTENTION_DTYPE)
-            kb[:, :, n - kept : n] = k.transpose(1, 2)
-            vb[:, n - kept : n] = v
-            keys.append(kb)
-            values.append(vb)
+            kv = torch.empty(capacity, 2 * nkv, self.head_dim, dtype=ATTENTION_DTYPE)
+            kv[n - kept : n, :nkv] = k.transpose(0, 1)
+            kv[n - kept : n, nkv:] = v.transpose(0, 1)
+            kvs.append(kv)
+            keys.append(kv[:, :nkv].permute(1, 2, 0))
+            values.append(kv[:, nkv:].permute(1, 0, 2))
         positions, probe, half = torch.arange(capacity)[None], torch.empty(0, dtype=self.dtype), self.head_dim // 2
         rope = {}
         for name in {layer.rope for layer in self.layers}:
@@ -327,38 +355,46 @@ class LeanDecoder:
             # rotate_half(x) * sin == cat(x2, x1) * cat(-sin1, sin2): the sign goes into the table;
             # q's rows also carry the attention scaling (rotation is linear), k's rows do not
             sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
-            rows = torch.tensor([self.scaling] * self.n_q + [1.0] * self.n_kv)[None, :, None]
-            rope[name] = (cos[0, :, None, :].float() * rows, sin[:, None, :].float() * rows)
-        return LeanCache(keys, values, rope)
+            rows = torch.tensor([self.scaling] * self.n_q + [1.0] * nkv + [0.0] * nkv)[None, :, None]
+            cos = cos[0, :, None, :].float() * rows
+            cos[:, self.n_q + nkv :] = 1.0
+            rope[name] = (cos, sin[:, None, :].float() * rows)
+        return LeanCache(kvs, keys, values, rope)
 
     def step(self, cache: LeanCache, token: int, pos: int) -> torch.Tensor:
         """Logits [vocab] (float32) for the token after `token`, which sits at position `pos`."""
-        hd, nq, nkv, half = self.head_dim, self.n_q, self.n_kv, self.head_dim // 2
-        sizes, group = ((nq + nkv) * hd, nkv * hd), nq // nkv
-        # The residual stream stays float32 (transformers keeps it in the model dtype): fewer casts,
-        # and one rounding less per layer; what enters every matmul is in the model dtype as there.
+        hd, nq, nkv, group = self.head_dim, self.n_q, self.n_kv, self.n_q // self.n_kv
+        rows, roll = nq + 2 * nkv, self.roll
+        # The residual stream is float32 (transformers keeps it in the model dtype: one rounding less
+        # per layer) and doubled, [x, -x], for the norms (`_RMSNorm`); a block's output `out` is added
+        # to both halves by one addcmul with `SIGN`. What enters every matmul is in the model dtype.
         x = self.embed(torch.tensor([token])).float()  # [1, hidden]
+        doubled = torch.cat([x, x.neg()], dim=-1)
+        halves = doubled.view(2, -1)
         rope = {name: (cos[pos], sin[pos]) for name, (cos, sin) in cache.rope.items()}
         n = pos + 1
-        for layer, keys, values in zip(self.layers, cache.keys, cache.values, strict=True):
+        for layer, kv, keys, values in zip(self.layers, cache.kv, cache.keys, cache.values, strict=True):
             cos, sin = rope[layer.rope]
             lo = 0 if layer.window is None else max(0, n - layer.window)
-            qk, v = layer.qkv(layer.norm_in(x)).view(-1).split(sizes)
-            qk = qk.view(nq + nkv, hd)
+            qkv = layer.qkv(layer.norm_in(doubled)).view(rows, hd)
             if layer.q_norm is not None:
-                qk = torch.cat([layer.q_norm(qk[:nq]), layer.k_norm(qk[nq:])])
-            # rotate_half(qk) is a roll (the sign is in `sin`); float32 from here on, q scaled already
-            q, k = torch.addcmul(qk * cos, qk.roll(half, -1), sin).split((nq, nkv))
-            keys.select(2, pos).copy_(k)
-            values.select(1, pos).copy_(v.view(nkv, hd))
+                qkv = torch.cat([layer.q_norm(qkv[:nq]), layer.k_norm(qkv[nq : nq + nkv]), qkv[nq + nkv :]])
+            # rotate_half(qkv) is a permutation (the sign is in `sin`); float32 from here on, q scaled
+            # already, v rows unrotated (cos 1, sin 0)
+            q, new_kv = torch.addcmul(qkv * cos, qkv.index_select(1, roll), sin).split((nq, 2 * nkv))
+            kv.select(0, pos).copy_(new_kv)
             scores = torch.bmm(q.view(nkv, group, hd), keys.narrow(2, lo, n - lo))
             attn = torch.bmm(scores.softmax(-1), values.narrow(1, lo, n - lo)).view(1, nq * hd).to(self.dtype)
             out = layer.o(attn)
-            x.add_(out if layer.attn_out_norm is None else layer.attn_out_norm(out.float()))
-            gate, up = layer.gate_up(layer.norm_post(x)).chunk(2, -1)
+            halves.addcmul_(out if layer.attn_out_norm is None else layer.attn_out_norm(out), SIGN)
+            gate, up = layer.gate_up(layer.norm_post(doubled)).chunk(2, -1)
             out = layer.down(layer.act(gate).mul_(up))
-            x.add_(out if layer.mlp_out_norm is None else layer.mlp_out_norm(out.float()))
-        return self.head(self.norm(x))[0].float()
+            halves.addcmul_(out if layer.mlp_out_norm is None else layer.mlp_out_norm(out), SIGN)
+        return self.head(self.norm(doubled))[0].float()
+
+
+SIGN = torch.tensor([[1.0], [-1.0]])
+"""Adds a block's output [1, hidden] to the doubled residual stream viewed as [2, hidden]: x + out, -x - out."""
 
 
 def prefill(model: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, Any]:

@@ -116,7 +116,7 @@ def test_int4_logits_match_transformers_within_bf16_rounding(hidden, group):
     assert (lean.argmax(-1) == hf.argmax(-1)).float().mean() >= 0.75
     # q/k/v (and gate/up) are one matmul whose codes are the layers' own: no second copy of the weights
     parts = lean_decode.LeanDecoder.for_model(model).layers[0]
-    qkv, gate_up = parts.qkv.__self__, parts.gate_up.__self__  # bound forward methods of the projections
+    qkv, gate_up = parts.projections["qkv"], parts.projections["gate_up"]
     attn = model.model.layers[0].self_attn
     mlp = model.model.layers[0].mlp
     assert isinstance(gate_up, lean_decode._Fused)
