@@ -158,6 +158,7 @@ def _lean_steps(model, job: dict):
     import torch
 
     from models import lean_decode
+    from models.decode_loop import greedy_token
 
     reason = lean_decode.unsupported(model)
     if reason is not None:
@@ -170,13 +171,13 @@ def _lean_steps(model, job: dict):
     def prefill(ids: list[int]) -> int:
         logits, cache = lean_decode.prefill(model, {"input_ids": torch.tensor([ids])})
         state["cache"], state["pos"] = lean.start(cache, capacity), len(ids)
-        return int(logits.argmax())
+        return greedy_token(logits)
 
     @torch.inference_mode()
     def step(tok: int) -> int:
         logits = lean.step(state["cache"], tok, state["pos"])
         state["pos"] += 1
-        return int(logits.argmax())
+        return greedy_token(logits)
 
     return prefill, step
 

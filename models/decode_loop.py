@@ -33,6 +33,12 @@ def unavailable(model: Any, inputs: dict[str, Any]) -> str | None:
     return unsupported(model)
 
 
+def greedy_token(scores: torch.Tensor) -> int:
+    """The first highest-scoring token of 1-D float32 `scores`, as ``int(scores.argmax())`` picks it. NumPy's
+    argmax reads a vocabulary's 50k floats in ~3 µs where torch's CPU argmax takes ~30 (a token is ~6 ms)."""
+    return int(scores.numpy().argmax()) if scores.dtype == torch.float32 else int(scores.argmax())
+
+
 def processors(model: Any, options: Any) -> LogitsProcessorList:
     """The logits processors transformers' `generate` would apply for `options` (a `GenerationOptions`)."""
     procs = LogitsProcessorList()
@@ -78,7 +84,7 @@ def decode(
     sample, cancelled = options.temperature > 0, False
     while True:
         scores = procs(ids[None], logits[None])[0] if procs else logits
-        token = int(torch.multinomial(scores.softmax(-1), 1)) if sample else int(scores.argmax())
+        token = int(torch.multinomial(scores.softmax(-1), 1)) if sample else greedy_token(scores)
         new.append(token)
         if procs:
             ids = torch.cat([ids, torch.tensor([token])])

@@ -211,3 +211,14 @@ def test_qwen2_vl_m_rope_decodes_through_transformers():
     from . import tiny_vlms
 
     assert "qwen2_vl_text" in lean_decode.unsupported(tiny_vlms.qwen2_vl().model)
+
+
+def test_greedy_token_picks_the_first_maximum_like_torch():
+    from models.decode_loop import greedy_token
+
+    torch.manual_seed(0)
+    for _ in range(20):
+        scores = torch.randn(1000).round(decimals=1)  # many ties
+        assert greedy_token(scores) == int(scores.argmax())
+    assert greedy_token(torch.tensor([0.0, 3.0, 3.0, 1.0])) == 1
+    assert greedy_token(torch.tensor([1.0, 3.0], dtype=torch.bfloat16)) == 1
