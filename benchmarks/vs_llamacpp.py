@@ -344,6 +344,20 @@ def _ratios(summary: dict[str, dict]) -> dict[str, dict]:
     return {e: {k: r[k] / ref[k] for k in keys} for e, r in summary.items() if ref and e != "llama.cpp"}
 
 
+def _paired_decode_ratios(runs: list[dict]) -> dict[str, dict]:
+    """Per engine, its decode tok/s over llama.cpp's in the same round (the two ran back to back), as the
+    median and range over rounds: a neighbour that slows the CPU for a while slows both sides of a pair,
+    so this drifts less than the ratio of two medians taken minutes apart."""
+    ref = {r["run"]: r["decode_tok_s"] for r in runs if r["engine"] == "llama.cpp"}
+    out: dict[str, dict] = {}
+    for engine in dict.fromkeys(r["engine"] for r in runs if r["engine"] != "llama.cpp"):
+        ratios = [r["decode_tok_s"] / ref[r["run"]] for r in runs if r["engine"] == engine and r["run"] in ref]
+        if ratios:
+            med = statistics.median(ratios)
+            out[engine] = {"median": med, "min": min(ratios), "max": max(ratios), "n": len(ratios)}
+    return out
+
+
 def _table(summary: dict[str, dict], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -431,13 +445,17 @@ def main() -> None:
     what += f", {args.threads} threads"
     _table(summary, f"{what}, median of {args.runs} alternating runs")
     _table(best, f"{what}, fastest of {args.runs} alternating runs")
+    paired = _paired_decode_ratios(runs)
+    for engine, r in paired.items():
+        span = f"rounds {r['min']:.2f}-{r['max']:.2f}"
+        print(f"decode vs llama.cpp, paired by round: {engine} {r['median']:.2f}x ({span})")
     import torch
 
     result = {
         "summary": summary,
         "best": best,
         "load_average_1_5_15": os.getloadavg(),
-        "ratios_vs_llamacpp": {"median": _ratios(summary), "best": _ratios(best)},
+        "ratios_vs_llamacpp": {"median": _ratios(summary), "best": _ratios(best), "decode_paired_by_round": paired},
         "runs": runs,
         "meta": {
             "command": "python benchmarks/vs_llamacpp.py " + " ".join(sys.argv[1:]),

@@ -82,6 +82,12 @@ def decode(
         streamer.put(input_ids.cpu())
     new: list[int] = []
     sample, cancelled = options.temperature > 0, False
+    # A stop string that ends in the newest token lies within its last `tail` tokens (a token is at least
+    # one character, or one of at most 4 bytes of one), so only those are decoded after each token: the
+    # whole answer again would cost O(length) a token. The surplus keeps a decoder's treatment of the
+    # window's first token (a dropped leading space, a partial character) clear of the stop.
+    stops = [s for s in options.stop if s]
+    tail = 4 * max((len(s) for s in stops), default=0) + 8
     while True:
         scores = procs(ids[None], logits[None])[0] if procs else logits
         token = int(torch.multinomial(scores.softmax(-1), 1)) if sample else greedy_token(scores)
@@ -92,7 +98,7 @@ def decode(
             streamer.put(torch.tensor([token]))
         if token in ends or len(new) >= options.max_new_tokens:
             break
-        if options.stop and any(s in tok.decode(new, skip_special_tokens=True) for s in options.stop if s):
+        if stops and any(s in tok.decode(new[-tail:], skip_special_tokens=True) for s in stops):
             break
         if should_stop is not None and should_stop():
             cancelled = True

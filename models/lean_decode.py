@@ -3,7 +3,7 @@
 A token of a small model on a CPU costs more in framework work than in arithmetic: transformers'
 decoder launches ~7,000 torch ops a token for SmolLM2-135M (masks, cache bookkeeping, rotary
 tables, module hooks), 72 % of the step's time. `LeanDecoder` runs the same layers' modules and
-weights with ~40 ops a layer:
+weights with ~30 ops a layer:
 
 * the q/k/v projections are one int4 matmul, as are gate/up: the tinygemm CPU layout is plain
   rows, so the packed weights are concatenated once and the layers' own buffers become views of

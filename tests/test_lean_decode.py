@@ -149,6 +149,13 @@ def test_stops_cancellation_and_sampling_mean_what_they_mean_on_transformers(tok
     got, _ = _run(model, tok, max_new_tokens=24, stop=(stop,))
     assert (got.text, got.finish_reason) == (want.text, "stop") and stop not in got.text
     assert got.completion_tokens < 24
+    # a stop far into a long answer: only the last tokens are decoded after each token, and still found
+    plain, _ = _run(model, tok, max_new_tokens=64, lean=False)
+    late = plain.text[-4:-1]
+    want, _ = _run(model, tok, max_new_tokens=64, stop=(late,), lean=False)
+    got, _ = _run(model, tok, max_new_tokens=64, stop=(late,))
+    assert (got.text, got.finish_reason) == (want.text, "stop")
+    assert got.completion_tokens > 4 * len(late) + 8  # the stop ended beyond the first decoded tail
 
     calls = iter(range(100))
     got, _ = _run(model, tok, max_new_tokens=20, should_stop=lambda: next(calls) >= 4)
