@@ -76,7 +76,7 @@ def _timed_generation(prefill, step, prompt: list[int], new_tokens: int) -> dict
 
 def _measure(prefill, step, job: dict, rss_base: float, load_s: float) -> dict:
     prompt, long_prompt, new = job["prompt"], job["long_prompt"], job["new_tokens"]
-    _timed_generation(prefill, step, prompt[:16], 4)  # warm-up: kernels, allocator, caches
+    _timed_generation(prefill, step, prompt, new)  # warm-up, the measured run itself: kernels, allocator, caches
     run = _timed_generation(prefill, step, prompt, new)
     long_ttft = _timed_generation(prefill, step, long_prompt, 0)["ttft_s"]
     peak = peak_rss_mb()

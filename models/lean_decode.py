@@ -299,8 +299,8 @@ class LeanDecoder:
         parts = {
             "norm_in": _norm(layer.input_layernorm, self.dtype),
             "qkv": _projection([a.q_proj, a.k_proj, a.v_proj]),
-            "q_norm": getattr(a, "q_norm", None),
-            "k_norm": getattr(a, "k_norm", None),
+            "q_norm": _norm(a.q_norm, self.dtype) if hasattr(a, "q_norm") else None,  # per head: Qwen3, Gemma 3
+            "k_norm": _norm(a.k_norm, self.dtype) if hasattr(a, "k_norm") else None,
             "o": _single(a.o_proj),
             "norm_post": _norm(
                 layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm, self.dtype
@@ -315,7 +315,7 @@ class LeanDecoder:
         for k in ("qkv", "o", "gate_up", "down"):
             if isinstance(parts[k], _Fused):
                 calls[k] = parts[k].call(self.dtype)
-        for k in ("attn_out_norm", "mlp_out_norm"):  # these norm a block's output, not the residual stream
+        for k in ("q_norm", "k_norm", "attn_out_norm", "mlp_out_norm"):  # these norm vectors, not the residual stream
             calls[k] = None if parts[k] is None else parts[k].single
         layer_type = (getattr(config, "layer_types", None) or ["full_attention"] * (index + 1))[index]
         window = getattr(config, "sliding_window", None) if layer_type == "sliding_attention" else None
