@@ -47,6 +47,7 @@ class QuantizedCheckpoint:
 
 # =========================================================================== shared rules
 
+
 def load_quantized_state(path: str | Path) -> QuantizedCheckpoint:
     """Read a GPTQ checkpoint directory back into `QuantizedWeight`s and plain tensors.
 
@@ -354,8 +355,6 @@ def _expect(
 
 def _bad_shape(origin: dict[str, str], key: str, t: torch.Tensor, rule: str) -> None:
     raise CheckpointError(f"{origin[key]}: tensor '{key}' has shape {list(t.shape)}; {rule}")
-
-
 
 
 def checkpoint_bytes(path: str | Path) -> int:

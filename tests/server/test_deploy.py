@@ -89,8 +89,11 @@ def test_guide_mentions_every_file():
 @pytest.mark.parametrize(
     ("args", "env", "message"),
     [
-        (["--kernel", "nope"], {},
-         "kernel: Input should be 'auto', 'tinygemm-cuda', 'tinygemm-cpu', 'dequant' or 'gemlite'"),
+        (
+            ["--kernel", "nope"],
+            {},
+            "kernel: Input should be 'auto', 'tinygemm-cuda', 'tinygemm-cpu', 'dequant' or 'gemlite'",
+        ),
         (["--dtype", "int3"], {}, "dtype: Input should be 'auto', 'float32', 'bfloat16' or 'float16'"),
         ([], {"RPIQ_KERNEL": "fast"}, "kernel: Input should be"),
     ],
