@@ -18,6 +18,8 @@ peak is VmHWM.
     python benchmarks/calib_memory.py --device cpu --nsamples 16 --seqlen 512
     python benchmarks/calib_memory.py --device cpu --layers 2 --modes gptq-sequential   # activations dominate
     python benchmarks/calib_memory.py --device cpu --modes gptq-sequential,rpiq-single-instance-budget
+    python benchmarks/calib_memory.py --device cpu --nsamples 4 --modes rpiq-single-instance-budget \
+        --hessian-budget-mib 64 --calibration '{"instance_windows": 1}'   # single-instance's peak: one window resident
 
 Prints a table and saves JSON (default benchmarks/results/calib_memory_<device>.json).
 """
@@ -81,6 +83,8 @@ def _run(job: tuple[str, str, dict[str, Any]]) -> dict[str, Any]:
     method, cal = MODES[mode]
     if "hessian_budget_mib" in cal:
         cal = dict(cal, hessian_budget_mib=args["hessian_budget_mib"])
+    if cal["mode"] == "single-instance":  # --calibration: single-instance options (kept windows, fit)
+        cal = dict(cal, **args.get("calibration", {}))
     cfg = quant_config(method, grid=GridConfig(bits=4, group_size=128), calibration=CalibrationConfig(**cal))
     cuda = args["device"] == "cuda"
     if cuda:
@@ -92,6 +96,7 @@ def _run(job: tuple[str, str, dict[str, Any]]) -> dict[str, Any]:
         shape=shape,
         mode=mode,
         hessian_budget_mib=cal.get("hessian_budget_mib"),
+        calibration={k: v for k, v in cal.items() if k not in ("mode", "hessian_budget_mib")},
         seconds=round(seconds, 1),
         gpu_peak_mib=round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None,
         host_peak_mib=round(peak_rss_mb()),
@@ -128,6 +133,9 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers (a quick probe)")
     ap.add_argument("--hessian-budget-mib", type=float, default=128.0, help="for rpiq-single-instance-budget")
+    ap.add_argument(
+        "--calibration", default="{}", help="extra CalibrationConfig fields (JSON) for the single-instance modes"
+    )
     ap.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
@@ -136,7 +144,7 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown shape or mode: {', '.join(unknown)}")
     args = dict(device=a.device, nsamples=a.nsamples, seqlen=a.seqlen, layers=a.layers,
-                hessian_budget_mib=a.hessian_budget_mib,
+                hessian_budget_mib=a.hessian_budget_mib, calibration=json.loads(a.calibration),
                 dtype=a.dtype or ("bfloat16" if a.device == "cuda" else "float32"))  # fmt: skip
     out = a.out or RESULTS / f"calib_memory_{a.device}.json"
 

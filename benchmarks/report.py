@@ -97,7 +97,8 @@ def quality_job(job: dict) -> dict:
         calib = calibration_windows(tok, load_text("calib"), job["nsamples"], job["seqlen"], seed=job["seed"])
         method, mode, compensate = SPECS[job["method"]]
         damp = {} if job.get("comp_damp") is None else {"compensation_percdamp": job["comp_damp"]}
-        cal = CalibrationConfig(mode=mode, compensate=compensate, **damp)
+        # ``calibration``: further CalibrationConfig fields (single-instance options, stage2_tuning.py --calibration)
+        cal = CalibrationConfig(mode=mode, compensate=compensate, **damp, **job.get("calibration", {}))
         refine = {} if job.get("refine") is None else {"refine": RefineConfig(**job["refine"])}
         grid = GridConfig(bits=job["bits"], group_size=job["group_size"])
         cfg = quant_config(method, grid=grid, calibration=cal, **refine)

@@ -12,6 +12,12 @@ and wall time are its own. Rows are saved after every job, so an interrupted run
     python benchmarks/stage2_tuning.py                              # the 3-bit grid, seed 0
     python benchmarks/stage2_tuning.py --bits 4 --settings r0,r1,r4 --append
     python benchmarks/stage2_tuning.py --seeds 1,2 --settings r0,r1 --append
+    python benchmarks/stage2_tuning.py --method rpiq-si-comp --settings r4-ridge1 \
+        --calibration '{"instance_fit": "correct"}' --tag correct --out benchmarks/results/single_instance_quality.json
+
+`--method` takes the report's method names (`benchmarks/report.py` SPECS: rpiq = sequential +
+compensation, rpiq-si-comp = single-instance + compensation); `--calibration` adds CalibrationConfig
+fields, and `--tag` names that variant in the rows (it is part of the key `--append` resumes by).
 """
 
 from __future__ import annotations
@@ -51,22 +57,22 @@ DEFAULT_GRID = "r0,r1,r2,r4,r1-a0.5,r4-a0.5,r4-ridge0.1,r4-ridge1,r4-b256"
 
 
 def stage2_job(job: dict) -> dict:
-    """RPIQ sequential + compensation (the report's "rpiq") with one stage-2 setting, in a child process."""
+    """RPIQ (by default sequential + compensation, the report's "rpiq") with one stage-2 setting, in a child process."""
     t_job = time.perf_counter()
-    row = quality_job({**job, "method": "rpiq"})
+    row = quality_job({"method": "rpiq", **job})
     row["job_seconds"] = time.perf_counter() - t_job
     return row
 
 
 def _key(r: dict) -> tuple:
-    return r["bits"], r["seed"], r["setting"]
+    return r["bits"], r["seed"], r["setting"], r.get("method", "rpiq"), r.get("tag", "")
 
 
 def table(rows: list[dict], evals: list[str], title: str):
     """A rich table; the deltas are against stage 2 off (r0) at the same bits and seed, where measured."""
     from rich.table import Table
 
-    base = {(r["bits"], r["seed"]): r for r in rows if r["setting"] == "r0"}
+    base = {(r["bits"], r["seed"]): r for r in rows if r["setting"] == "r0" and r.get("method", "rpiq") == "rpiq"}
     t = Table(title=title)
     cols = ["bits", "seed", "setting", "rounds", "alpha", "ridge", "block"]
     for text in evals:
@@ -76,7 +82,8 @@ def table(rows: list[dict], evals: list[str], title: str):
         t.add_column(c, justify="right")
     for r in sorted(rows, key=lambda r: (r["bits"], r["seed"], list(SETTINGS).index(r["setting"]))):
         rc, b = r["refine_config"], base.get((r["bits"], r["seed"]))
-        cells = [str(r["bits"]), str(r["seed"]), r["setting"], str(rc["rounds"]), f"{rc['alpha']:g}"]
+        name = r["setting"] + "".join(f" {x}" for x in (r.get("method", "rpiq"), r.get("tag")) if x and x != "rpiq")
+        cells = [str(r["bits"]), str(r["seed"]), name, str(rc["rounds"]), f"{rc['alpha']:g}"]
         cells += [f"{rc['percdamp']:g}" if rc["rounds"] else "-", str(rc["block_size"] or 128)]
         for text in evals:
             p = r[f"ppl_{text}"]
@@ -101,6 +108,9 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--jobs", type=int, default=1, help="jobs at once, each in its own process")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per job (default: cores / jobs)")
+    ap.add_argument("--method", default="rpiq", help="report method name: rpiq (sequential), rpiq-si-comp, ...")
+    ap.add_argument("--calibration", default="{}", help="extra CalibrationConfig fields as JSON")
+    ap.add_argument("--tag", default="", help="names this --calibration variant in the rows")
     ap.add_argument("--out", type=Path, default=RESULTS / "stage2_tuning.json")
     ap.add_argument("--append", action="store_true", help="keep --out's rows and run only the missing ones")
     args = ap.parse_args()
@@ -127,7 +137,16 @@ def main() -> None:
     rows = list(previous.get("rows", []))
     have = {_key(r) for r in rows}
     jobs = [
-        {**base, "bits": int(b), "seed": int(s), "setting": name, "refine": SETTINGS[name]}
+        {
+            **base,
+            "bits": int(b),
+            "seed": int(s),
+            "setting": name,
+            "refine": SETTINGS[name],
+            "method": args.method,
+            "tag": args.tag,
+            "calibration": json.loads(args.calibration),
+        }
         for b in args.bits.split(",")
         for s in args.seeds.split(",")
         for name in settings
@@ -154,9 +173,7 @@ def main() -> None:
     def record(row: dict) -> None:
         rows.append(row)
         save(partial=True)  # after every job: an interrupted run loses only its running jobs
-        console.print(
-            {k: row[k] for k in ("bits", "seed", "setting", *[f"ppl_{t}" for t in evals], "quantize_seconds")}
-        )
+        console.print({k: row[k] for k in ("bits", "seed", "setting", "method", "tag", *[f"ppl_{t}" for t in evals])})
 
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as pool:
