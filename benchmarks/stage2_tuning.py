@@ -13,7 +13,7 @@ and wall time are its own. Rows are saved after every job, so an interrupted run
     python benchmarks/stage2_tuning.py --bits 4 --settings r0,r1,r4 --append
     python benchmarks/stage2_tuning.py --seeds 1,2 --settings r0,r1 --append
     python benchmarks/stage2_tuning.py --method rpiq-si-comp --settings r4-ridge1 \
-        --calibration '{"instance_fit": "correct"}' --tag correct --out benchmarks/results/single_instance_quality.json
+        --calibration '{"instance_windows": 8}' --tag iw8 --out benchmarks/results/single_instance_quality.json
 
 `--method` takes the report's method names (`benchmarks/report.py` SPECS: rpiq = sequential +
 compensation, rpiq-si-comp = single-instance + compensation); `--calibration` adds CalibrationConfig

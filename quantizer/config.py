@@ -161,30 +161,6 @@ class CalibrationConfig(_Frozen):
         "stage-2 objective (1-w) tr(E H E^T) + w 2/n ||Y - Xq Wq^T||^2; 1 = the batch alone, 0 = Hessian only. "
         "Chosen by measurement on the embedded model (docs/results/history/2026-11-27-quantizer.md, single-instance)",
     )
-    instance_fit: Literal["blend", "correct"] = Field(
-        "blend",
-        description="single-instance: how the kept windows enter each linear's fit. 'blend': the objective "
-        "(1-w) tr(E H E^T) + w 2/n ||Y - Xq Wq^T||^2 (`instance_weight`), pass 1's full-precision H plus the "
-        "kept windows' output error. 'correct': sequential calibration's own statistics Hq = 2/N Xq^T Xq and "
-        "C = 2/N X^T Xq, estimated for every token from pass 1's H and the kept windows' degradation "
-        "(`instance_estimator`, `quantizer.layer.corrected_statistics`), then the sequential path (compensation "
-        "with `compensation_percdamp`, stage 2 on Hq); pass 2 then holds no kept rows. Exact when every window is "
-        "kept. 'blend' stays the default by measurement: SmolLM2 3-bit g128, 32 x 512, seed 0, prose/code "
-        "58.81/42.83 vs 63.68/44.07 for 'correct' (docs/results/single_instance.md)",
-    )
-    instance_correction: float = Field(
-        1.0,
-        ge=0.0,
-        description="single-instance, instance_fit='correct': scale s of the kept windows' shift "
-        "(0 = pass 1's full-precision statistics alone, 1 = the unbiased estimate)",
-    )
-    instance_estimator: Literal["regression", "shift"] = Field(
-        "regression",
-        description="single-instance, instance_fit='correct': how the kept windows' degradation is carried to "
-        "every calibration token (`quantizer.layer.corrected_statistics`). 'regression': Xq ~ X B fitted on the "
-        "kept tokens, PSD by construction; 'shift': the kept moments' difference added to pass 1's (measured "
-        "to break SmolLM2: massive-activation tokens make it strongly indefinite)",
-    )
     offload_hessians: bool = Field(
         False,
         description="single-instance: keep every linear's running Hessian, and every decoder layer outside "

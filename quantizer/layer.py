@@ -6,7 +6,6 @@ import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -30,12 +29,9 @@ class Instance:
     """
 
     Xq: torch.Tensor
-    Y: torch.Tensor | None = None
+    Y: torch.Tensor
     compensate: bool = False
     """Stage 1 also fits the blended objective (`instance_target`), not only stage 2."""
-    X: torch.Tensor | None = None
-    """[n, in]: the same tokens' full-precision inputs to this linear, for
-    `CalibrationConfig.instance_fit="correct"` (`corrected_hessians`); `Y` is then not needed."""
 
 
 def layer_loss(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
@@ -88,9 +84,7 @@ def quantize_weight(
 
     Returns the codes/grid in GPTQ's logical layout and a report of the layer loss after RTN,
     after stage 1 and after every stage-2 round. With `instance`, stage 2 uses the
-    single-instance residual instead of `E @ H`, weighted by `config.calibration.instance_weight`;
-    with `instance_fit="correct"` (and `instance.X`), sequential calibration's statistics are
-    estimated from it instead (`corrected_statistics`) and the sequential path runs on them.
+    single-instance residual instead of `E @ H`, weighted by `config.calibration.instance_weight`.
     With `cross` (`2/N X_fp^T X`, see
     `compensation_target`), both stages fit the full-precision model's outputs instead of `W`'s
     own outputs on the degraded inputs; the reported losses are then measured against that target.
@@ -145,78 +139,6 @@ def instance_target(
     return target, H_mix
 
 
-def corrected_hessians(
-    H: torch.Tensor, X: torch.Tensor, Xq: torch.Tensor, scale: float = 1.0, **estimator: Any
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`corrected_statistics` from the kept rows themselves (`X`, `Xq` [n, in]: the same tokens' inputs
-    to this linear in the full-precision and in the partly quantized model)."""
-    dev, dt = H.device, H.dtype
-    X = X.to(device=dev, dtype=dt).reshape(-1, H.shape[0])
-    Xq = Xq.to(device=dev, dtype=dt).reshape(-1, H.shape[0])
-    if X.shape != Xq.shape:
-        raise ValueError(f"kept inputs differ in shape: {tuple(X.shape)} and {tuple(Xq.shape)}")
-    k = 2.0 / X.shape[0]
-    return corrected_statistics(H, k * (X.t() @ X), k * (Xq.t() @ Xq), k * (X.t() @ Xq), scale, **estimator)
-
-
-def corrected_statistics(
-    H: torch.Tensor,
-    H_k: torch.Tensor,
-    Hq_k: torch.Tensor,
-    C_k: torch.Tensor,
-    scale: float = 1.0,
-    estimator: str = "regression",
-    ridge: float = 0.01,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequential compensation's `Hq = 2/N Xq^T Xq` and `C = 2/N X^T Xq`, estimated from pass 1's
-    full-precision `H = 2/N X^T X` over every calibration token and the kept tokens'
-    `H_k, Hq_k, C_k` (`2/n X^T X, 2/n Xq^T Xq, 2/n X^T Xq`; `X`: their inputs to this linear in the
-    full-precision model, `Xq`: in the partly quantized one).
-
-    Why: pass 1 sees every calibration token but only full-precision inputs; the kept windows see
-    the degradation but only a few tokens. Two estimators, both exact (up to rounding and the ridge)
-    when every calibration window is kept:
-
-    - "regression" (the default): the kept tokens fit `Xq ~ X B` (ridge `ridge x mean(diag H_k)`
-      towards `B = I`) and leave a residual covariance `R`; every token is assumed to degrade alike, so
-      `C ~ H B'` and `Hq ~ B'^T H B' + s R` with `B' = I + s (B - I)`. Positive semi-definite by
-      construction. Measured on SmolLM2 (3-bit, 30 layers) it keeps the model sound but loses to
-      the blend (prose 63.68 vs 58.81): a `d_in x d_in` map from 2048 kept tokens is noisy
-      (docs/results/single_instance.md).
-    - "shift": `Hq ~ H + s (Hq_k - H_k)`, `C ~ H + s (C_k - H_k)`. Unbiased, but measured on SmolLM2 it
-      is strongly indefinite (eigenvalues down to -0.5 x mean(diag H) in layer 0's o_proj), because
-      a few tokens with massive activations dominate the kept cross terms, and the model breaks
-      (3-bit perplexity 25,810). Kept for the record; an indefinite estimate is projected onto the
-      PSD cone (negative eigenvalues set to 0), so every loss that decides something stays a norm.
-    """
-    dt = H.dtype
-    H_k, Hq_k, C_k = (m.to(device=H.device, dtype=dt) for m in (H_k, Hq_k, C_k))
-    if estimator == "regression":
-        d = H.shape[0]
-        eye = torch.eye(d, device=H.device, dtype=dt)
-        lam = ridge * float(torch.mean(torch.diagonal(H_k)))
-        # B = argmin ||Xq - X B||^2 + lam ||B - I||^2 over the kept tokens = (H_k + lam I)^-1 (C_k + lam I)
-        B = torch.cholesky_solve(C_k + lam * eye, cholesky_lower(H_k + lam * eye))
-        # R = 2/n (Xq - X B)^T (Xq - X B), from the statistics alone
-        R = Hq_k - C_k.t() @ B - B.t() @ C_k + B.t() @ H_k @ B
-        R = 0.5 * (R + R.t())
-        B = eye + scale * (B - eye)
-        C = H @ B
-        Hq = B.t() @ H @ B + scale * R
-    elif estimator == "shift":
-        Hq = H + scale * (Hq_k - H_k)
-        C = H + scale * (C_k - H_k)
-    else:
-        raise ValueError(f"unknown estimator {estimator!r}")
-    Hq = 0.5 * (Hq + Hq.t())
-    if int(torch.linalg.cholesky_ex(Hq)[1]) != 0:  # not positive definite: clip the negative part
-        evals, evecs = torch.linalg.eigh(Hq)
-        if float(evals.min()) < 0:
-            Hq = (evecs * evals.clamp_min(0)) @ evecs.t()
-            Hq = 0.5 * (Hq + Hq.t())
-    return Hq, C
-
-
 def _quantize_weight(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -230,16 +152,6 @@ def _quantize_weight(
     out, n = W.shape
     W = W.detach().float().clone()
     H0 = H.detach().float().to(device)
-    if instance is not None and cal.instance_fit == "correct":
-        # Sequential calibration's statistics, estimated (`corrected_hessians`); from here on
-        # this is exactly the sequential path, with compensation when it is on.
-        if instance.X is None:
-            raise ValueError("instance_fit='correct' needs the kept windows' full-precision inputs (Instance.X)")
-        H0, C = corrected_hessians(
-            H0, instance.X, instance.Xq, cal.instance_correction, estimator=cal.instance_estimator
-        )
-        cross = C if instance.compensate else None
-        instance = None
     if instance is not None and instance.compensate and cal.instance_weight > 0:
         # Both stages then fit the blended objective; stage 2 needs no separate residual.
         W, H0 = instance_target(W, H0, instance, cal.instance_weight, cal.compensation_percdamp)

@@ -10,15 +10,11 @@ Pass 2 runs the kept windows (`instance_windows`), one at a time, through the fu
 and the partly quantized model, layer by layer: each linear is quantized on its pass-1 Hessian,
 and its kept batch (the degraded inputs `Xq` and the full-precision outputs `Y`) drives stage 2
 (`refine.InstanceResidual`), and with compensation stage 1 too (`layer.instance_target`).
-With `instance_fit="correct"` pass 2 keeps only statistics of the kept windows instead, estimates
-sequential calibration's Hessian and cross term from them (`layer.corrected_statistics`) and
-quantizes each linear as sequential compensation does (`_kept_statistics_pass`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -30,9 +26,8 @@ from tqdm.auto import tqdm
 
 from .adapters import ModelAdapter
 from .capture import GroupHessians, GroupInputCatcher, StopForward, capture_first_layer_inputs, forward_batch, run_layer
-from .hessian import HessianAccumulator
 from .hessian_store import HessianStore, hessian_bytes, plan_passes
-from .layer import Instance, corrected_statistics
+from .layer import Instance
 from .memory import release_freed_memory
 from .offload import layers_visit
 from .tower import Calibration, LayerResult, TowerRun, batches
@@ -139,23 +134,9 @@ def _hessians_pass(run: TowerRun, todo: list[int], store: HessianStore | None) -
     return {}
 
 
-def _layer_hessians(
-    run: TowerRun, index: int, layer: nn.Module, by_layer: dict[int, list[GroupHessians]], store: HessianStore | None
-) -> list[GroupHessians]:
-    """Layer `index`'s pass-1 Hessians, read back from the store when there is one."""
-    if store is not None:
-        groups = run.adapter.linear_groups
-        by_layer[index] = [GroupHessians({n: layer.get_submodule(n) for n in g}) for g in groups]
-        store.load(index, by_layer[index])
-    return by_layer[index]
-
-
 def _kept_batch_pass(run: TowerRun, by_layer: dict[int, list[GroupHessians]], store: HessianStore | None) -> None:
     """Pass 2: the kept windows, one at a time, through the full-precision and the partly quantized
     streams (one forward's activations at a time, not the whole kept batch's)."""
-    if run.config.calibration.instance_fit == "correct":
-        _kept_statistics_pass(run, by_layer, store)
-        return
     layers = run.layers
     kept = batches(run.calib[-run.config.calibration.instance_windows :])
     fp_in = capture_first_layer_inputs(run.model, layers, kept, run.device)
@@ -178,8 +159,11 @@ def _kept_batch_pass(run: TowerRun, by_layer: dict[int, list[GroupHessians]], st
             if index in run.done:
                 run.apply_done(index, layer)
             else:
-                hessians = _layer_hessians(run, index, layer, by_layer, store)
-                run.finish_layer(index, *_quantize_layer(run, index, layer, hessians, fp_rows, q_hidden, calls))
+                if store is not None:
+                    groups = run.adapter.linear_groups
+                    by_layer[index] = [GroupHessians({n: layer.get_submodule(n) for n in g}) for g in groups]
+                    store.load(index, by_layer[index])
+                run.finish_layer(index, *_quantize_layer(run, index, layer, by_layer[index], fp_rows, q_hidden, calls))
             by_layer.pop(index, None)  # this layer's Hessians are no longer needed
             if store is not None:
                 store.drop(index)
@@ -187,90 +171,6 @@ def _kept_batch_pass(run: TowerRun, by_layer: dict[int, list[GroupHessians]], st
             for b, (args, kwargs) in enumerate(calls):
                 q_hidden[b] = run_layer(layer, q_hidden[b], kwargs, args)
             fp_hidden = fp_out
-
-
-def _kept_statistics_pass(run: TowerRun, by_layer: dict[int, list[GroupHessians]], store: HessianStore | None) -> None:
-    """Pass 2 for `instance_fit="correct"`: the kept windows only as `d_in x d_in` statistics.
-
-    Each linear needs its kept tokens' `2/n X^T X`, `2/n Xq^T Xq` and `2/n X^T Xq`
-    (`layer.corrected_statistics`), which fold in one window at a time, so no kept rows are held:
-    a full-precision copy of the current layer (as sequential compensation keeps) gives each group's
-    full-precision inputs again, window by window, beside the partly quantized layer's. What stays
-    resident is the kept windows' hidden states in the two streams, one layer copy and one forward.
-    """
-    cal = run.config.calibration
-    layers = run.layers
-    kept = batches(run.calib[-cal.instance_windows :])
-    fp_in = capture_first_layer_inputs(run.model, layers, kept, run.device)
-    fp_hidden, fp_in.hidden = fp_in.hidden, []
-    q_hidden = [h.clone() for h in fp_hidden]
-    for index, layer in enumerate(layers):
-        with run.on_device(layer):
-            calls = [fp_in.call(b, index) for b in range(len(fp_hidden))]
-            fp_layer = copy.deepcopy(layer)
-            if index in run.done:
-                run.apply_done(index, layer)
-            else:
-                hessians = _layer_hessians(run, index, layer, by_layer, store)
-                weights, reports = {}, []
-                for group, catcher in zip(run.adapter.linear_groups, hessians, strict=True):
-                    estimate, cross = _corrected_group(run, layer, fp_layer, group, catcher, fp_hidden, q_hidden, calls)
-                    w, r = run.quantize_group(index, layer, estimate, cross=cross if run.config.compensate else None)
-                    del estimate, cross
-                    release_freed_memory()
-                    weights.update(w)
-                    reports.extend(r)
-                run.finish_layer(index, weights, reports)
-            by_layer.pop(index, None)
-            if store is not None:
-                store.drop(index)
-            for b, (args, kwargs) in enumerate(calls):
-                fp_hidden[b] = run_layer(fp_layer, fp_hidden[b], kwargs, args)
-                q_hidden[b] = run_layer(layer, q_hidden[b], kwargs, args)
-            del fp_layer
-
-
-def _corrected_group(
-    run: TowerRun,
-    layer: nn.Module,
-    fp_layer: nn.Module,
-    group: list[str],
-    catcher: GroupHessians,
-    fp_hidden: list[torch.Tensor],
-    q_hidden: list[torch.Tensor],
-    calls: list,
-) -> tuple[GroupHessians, GroupHessians]:
-    """One linear group's estimated sequential statistics: `Hq` (as a catcher) and the cross term `C`."""
-    q_catch = GroupInputCatcher({n: layer.get_submodule(n) for n in group})
-    fp_catch = GroupInputCatcher({n: fp_layer.get_submodule(n) for n in group})
-    cross_k = GroupHessians(dict(q_catch.modules))
-    try:
-        for h, fh, (args, kw) in zip(q_hidden, fp_hidden, calls, strict=True):
-            xq = q_catch.run(layer, h, kw, args)
-            x = fp_catch.run(fp_layer, fh, kw, args)
-            q_catch.accumulate(xq)
-            fp_catch.accumulate(x)
-            cross_k.accumulate(x, paired=xq)
-            del xq, x
-    finally:
-        q_catch.remove()
-        fp_catch.remove()
-    cal = run.config.calibration
-    estimate = GroupHessians(dict(catcher.modules))
-    cross = GroupHessians(dict(catcher.modules))
-    estimate.share, cross.share = dict(catcher.share), dict(catcher.share)
-    for owner, acc in catcher.hessians.items():
-        Hq, C = corrected_statistics(
-            acc.H,
-            fp_catch.hessians[owner].H,
-            q_catch.hessians[owner].H,
-            cross_k.hessians[owner].H,
-            cal.instance_correction,
-            estimator=cal.instance_estimator,
-        )
-        estimate.hessians[owner] = HessianAccumulator.restored(Hq, acc.nsamples)
-        cross.hessians[owner] = HessianAccumulator.restored(C, acc.nsamples)
-    return estimate, cross
 
 
 def _quantize_layer(
