@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .int4.linear import TinygemmCPULinear
+from .memory import release_freed_memory
 
 ATTENTION_DTYPE = torch.float32
 """The cache's and the attention's dtype: bf16 matmuls are 3-4x slower on CPUs without native bf16,
@@ -331,6 +332,7 @@ class LeanDecoder:
             lean = model.__dict__.get("_rpiq_lean_decoder")
             if lean is None:
                 lean = model.__dict__["_rpiq_lean_decoder"] = cls(model)
+                release_freed_memory()  # the layers' own packed codes, now copied into the fused buffers
         return lean
 
     def start(self, cache: Any, capacity: int) -> LeanCache:

@@ -30,11 +30,11 @@ from tqdm.auto import tqdm
 
 from gptq_format import QuantizedWeight
 from gptq_format.embedding import Int8Rows, quantize_embeddings
+from models.memory import release_freed_memory
 
 from .adapters import ModelAdapter, UnsupportedModelError, get_adapter
 from .config import QuantConfig, RPIQConfig
 from .lm_head import quantize_lm_head
-from .memory import release_freed_memory
 from .result import LayerReport
 from .resume import RunState, fingerprint
 from .sequential import run_sequential

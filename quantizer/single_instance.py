@@ -24,11 +24,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from models.memory import release_freed_memory
+
 from .adapters import ModelAdapter
 from .capture import GroupHessians, GroupInputCatcher, StopForward, capture_first_layer_inputs, forward_batch, run_layer
 from .hessian_store import HessianStore, hessian_bytes, plan_passes
 from .layer import Instance
-from .memory import release_freed_memory
 from .offload import layers_visit
 from .tower import Calibration, LayerResult, TowerRun, batches
 

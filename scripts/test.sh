@@ -9,4 +9,5 @@ bash scripts/install.sh
 # axe-core for the web page's accessibility check (tests/ui; skipped there when node/npm are missing).
 if command -v npm >/dev/null; then npm ci --prefix tests/ui --no-audit --no-fund --silent; fi
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 exec .venv/bin/python -m pytest -q "$@"

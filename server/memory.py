@@ -13,12 +13,11 @@ last photo of a burst is done.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import gc
 import os
 import time
-from collections.abc import Callable
+
+from models.memory import release_freed_memory
 
 MB = 1 << 20
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -34,24 +33,10 @@ def rss_bytes(pid: int | None = None) -> int | None:
         return None
 
 
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's malloc_trim, or None (musl, macOS): giving back then is up to the allocator."""
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
-    return fn
-
-
-_TRIM = _malloc_trim()
-
-
 def give_back() -> None:
     """Collect garbage, then return the C heap's free pages to the system (blocking: run it off the loop)."""
     gc.collect()
-    if _TRIM is not None:
-        _TRIM(0)
+    release_freed_memory()
 
 
 class MemoryGuard:

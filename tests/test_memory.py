@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from quantizer.memory import _malloc_trim, release_freed_memory
+from models.memory import _malloc_trim, release_freed_memory
 
 
 def _anon_mb() -> int:

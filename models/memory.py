@@ -1,4 +1,5 @@
-"""Give freed heap memory back to the operating system between decoder layers.
+"""Give freed heap memory back to the operating system: between decoder layers while quantizing,
+after the decode step fuses its projections, after a server's burst of photos.
 
 Quantizing a layer allocates and frees many mid-sized temporaries (Hessians, inverses, column
 blocks, activations). glibc keeps freed chunks in its arenas, and once its mmap threshold has
