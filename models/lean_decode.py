@@ -209,8 +209,9 @@ def _norm(module: nn.Module, dtype: torch.dtype) -> _RMSNorm | _AsIs:
 
 @dataclass
 class _Layer:
-    """One decoder layer's parts as the step calls them: bound ``forward`` methods (a module's
-    ``__call__`` costs microseconds of hook handling, times ~8 calls a layer, times every token)."""
+    """One decoder layer's parts as the step calls them: bound methods, or the bare int4 kernel for a
+    fused projection (a module's ``__call__`` costs microseconds of hook handling, times ~8 calls a
+    layer, times every token)."""
 
     norm_in: Callable[[torch.Tensor], torch.Tensor]
     qkv: Callable[[torch.Tensor], torch.Tensor]
