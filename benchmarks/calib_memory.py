@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from memory import in_child, peak_rss_mb
+from report import calibration_fields
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -134,7 +135,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers (a quick probe)")
     ap.add_argument("--hessian-budget-mib", type=float, default=128.0, help="for rpiq-single-instance-budget")
     ap.add_argument(
-        "--calibration", default="{}", help="extra CalibrationConfig fields (JSON) for the single-instance modes"
+        "--calibration",
+        type=calibration_fields,
+        default={},
+        help="extra CalibrationConfig fields (JSON) for the single-instance modes",
     )
     ap.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
     ap.add_argument("--out", type=Path, default=None)
@@ -144,7 +148,7 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown shape or mode: {', '.join(unknown)}")
     args = dict(device=a.device, nsamples=a.nsamples, seqlen=a.seqlen, layers=a.layers,
-                hessian_budget_mib=a.hessian_budget_mib, calibration=json.loads(a.calibration),
+                hessian_budget_mib=a.hessian_budget_mib, calibration=a.calibration,
                 dtype=a.dtype or ("bfloat16" if a.device == "cuda" else "float32"))  # fmt: skip
     out = a.out or RESULTS / f"calib_memory_{a.device}.json"
 

@@ -75,6 +75,22 @@ def bits_per_weight(weights) -> float:
     return total_bits / total
 
 
+def calibration_fields(text: str) -> dict:
+    """The argparse type of a benchmark's ``--calibration``: a JSON object of CalibrationConfig fields,
+    checked when the command line is read (a typo then fails there, naming the field, not in a child
+    process minutes into the run)."""
+    from quantizer.config import CalibrationConfig
+
+    try:
+        fields = json.loads(text)
+        if not isinstance(fields, dict):
+            raise ValueError("expected a JSON object of CalibrationConfig fields")
+        CalibrationConfig(**fields)  # pydantic's ValidationError is a ValueError
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    return fields
+
+
 def quality_job(job: dict) -> dict:
     """One method on one grid with one calibration seed; runs in a fresh child process. A ``refine``
     entry (RefineConfig fields) overrides stage 2's settings (`benchmarks/stage2_tuning.py`)."""

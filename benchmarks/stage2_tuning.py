@@ -33,7 +33,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from memory import in_child
-from report import quality_job
+from report import calibration_fields, quality_job
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -109,7 +109,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="jobs at once, each in its own process")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per job (default: cores / jobs)")
     ap.add_argument("--method", default="rpiq", help="report method name: rpiq (sequential), rpiq-si-comp, ...")
-    ap.add_argument("--calibration", default="{}", help="extra CalibrationConfig fields as JSON")
+    ap.add_argument("--calibration", type=calibration_fields, default={}, help="extra CalibrationConfig fields as JSON")
     ap.add_argument("--tag", default="", help="names this --calibration variant in the rows")
     ap.add_argument("--out", type=Path, default=RESULTS / "stage2_tuning.json")
     ap.add_argument("--append", action="store_true", help="keep --out's rows and run only the missing ones")
@@ -145,7 +145,7 @@ def main() -> None:
             "refine": SETTINGS[name],
             "method": args.method,
             "tag": args.tag,
-            "calibration": json.loads(args.calibration),
+            "calibration": args.calibration,
         }
         for b in args.bits.split(",")
         for s in args.seeds.split(",")
