@@ -10,6 +10,9 @@ Two parts, every configuration in its own child process (so peak RSS is its own)
   checkpoint on int4 kernels), int4 with the LM head quantized too, and int4 with the tied
   embedding / LM head stored as int8 rows (``int4+emb8``): weight memory, peak RSS,
   prefill and decode tokens/s at batch 1 and 8, bytes read per decoded token, and perplexity.
+  "decode b1" is transformers' forward a token (what `--no-lean` runs); "lean b1" is the decode loop
+  rpiq uses, `models.graph_decode.token_steps`: the lean step on a CPU, a replayed CUDA graph of the
+  static step on a GPU. On CUDA int4 runs once per kernel (tinygemm-cuda, and gemlite where it imports).
 
     python benchmarks/decode.py                         # CPU, both parts, ~10 min on 2 cores
     python benchmarks/decode.py --part layers --sizes 7b
@@ -196,6 +199,7 @@ def _model_job(job: dict) -> dict:
 
     from models.inference import load_for_inference
     from models.int4 import model_weight_bytes
+    from models.lean_decode import unsupported
     from quantizer.data import evaluation_windows, load_text
     from quantizer.evaluate import perplexity
 
@@ -203,7 +207,10 @@ def _model_job(job: dict) -> dict:
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(job["format"])
     rss_before = peak_rss_mb()  # torch + transformers imported, nothing loaded yet
     t0 = time.perf_counter()
-    model, tok, _ = load_for_inference(job["path"], device=job["device"], dtype=dtype)
+    try:
+        model, tok, _ = load_for_inference(job["path"], device=job["device"], dtype=dtype, kernel=job["kernel"])
+    except Exception as e:  # a kernel that cannot run here (gemlite without Triton): a row saying why
+        return {**job, "error": f"{type(e).__name__}: {e}"}
     row = {**job, "load_seconds": time.perf_counter() - t0}
     row["kernels"] = getattr(model, "int4_kernels", {})
     row["weight_mb"] = model_weight_bytes(model) / 2**20
@@ -215,6 +222,10 @@ def _model_job(job: dict) -> dict:
         prefill, decode = _prefill_decode(model, device, batch, job["prompt_tokens"], job["new_tokens"], vocab)
         row[f"prefill_tok_s_b{batch}"] = batch * job["prompt_tokens"] / prefill
         row[f"decode_tok_s_b{batch}"] = batch * job["new_tokens"] / decode
+    if unsupported(model) is None:
+        row["lean_tok_s_b1"] = job["new_tokens"] / _lean_decode(
+            model, device, job["prompt_tokens"], job["new_tokens"], vocab
+        )
     if job["ppl_windows"]:
         ev = evaluation_windows(tok, load_text("heldout"), 512, max_windows=job["ppl_windows"])
         row["ppl"] = perplexity(model, ev, device=job["device"])
@@ -248,6 +259,34 @@ def _prefill_decode(model, device, batch: int, prompt: int, new: int, vocab: int
     run(4)  # warm-up: kernels, allocator, cache
     prefill, decode = run(new)
     return prefill, decode
+
+
+def _lean_decode(model, device, prompt: int, new: int, vocab: int) -> float:
+    """Seconds for `new` greedy tokens through rpiq's decode loop (`token_steps`: the lean step on a CPU, a
+    CUDA graph on a GPU), after a `prompt`-token prefill (not timed). The warm-up decodes as many tokens, so
+    a GPU's graph for that capacity is captured before the timed run."""
+    import torch
+
+    from models.graph_decode import token_steps
+    from models.lean_decode import LeanDecoder, prefill
+
+    lean = LeanDecoder.for_model(model)
+    ids = torch.randint(100, vocab - 100, (1, prompt), generator=torch.Generator().manual_seed(1)).to(device)
+
+    @torch.inference_mode()
+    def run() -> float:
+        logits, cache = prefill(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        with token_steps(lean, cache, prompt + new) as step:
+            _sync(device)
+            t0 = time.perf_counter()
+            token = int(logits.argmax())
+            for i in range(new):
+                token = int(step(token, prompt + i).argmax())
+            _sync(device)
+            return time.perf_counter() - t0
+
+    run()
+    return run()
 
 
 def ensure_checkpoint(path: Path, lm_head: bool, embeddings: str = "none", model_dir: str | None = None) -> Path:
@@ -326,15 +365,19 @@ def main() -> None:
         ckpt_emb8 = in_child(_ensure_checkpoint_job, (str(args.checkpoint_emb8), False, "int8"))
         fp_dir = str(resolve_model(None))
         short = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-        configs = [(short[d], fp_dir) for d in dense] + [("int4", ckpt), ("int4+head", ckpt_head)]
-        configs.append(("int4+emb8", ckpt_emb8))
+        configs = [(short[d], fp_dir, "auto") for d in dense]
+        if device.type == "cuda":  # each int4 kernel on its own (gemlite: optional extra `gpu`)
+            configs += [("int4", ckpt, "tinygemm-cuda"), ("int4", ckpt, "gemlite")]
+        else:
+            configs += [("int4", ckpt, "auto")]
+        configs += [("int4+head", ckpt_head, "auto"), ("int4+emb8", ckpt_emb8, "auto")]
         base = {
             "device": args.device, "batches": batches, "prompt_tokens": args.prompt_tokens,
             "new_tokens": args.new_tokens, "ppl_windows": args.ppl_windows,
         }  # fmt: skip
-        for fmt, path in configs:
-            row = in_child(_model_job, {**base, "format": fmt, "path": path})
-            console.print({k: row[k] for k in ("format", "weight_mb", "peak_rss_mb") if k in row})
+        for fmt, path, kernel in configs:
+            row = in_child(_model_job, {**base, "format": fmt, "path": path, "kernel": kernel})
+            console.print({k: row[k] for k in ("format", "kernel", "weight_mb", "peak_rss_mb", "error") if k in row})
             result["model"].append(row)
         _model_table(console, Table, result["model"], bandwidth, batches)
 
@@ -377,16 +420,20 @@ def _layers_table(console, Table, rows: list[dict], bandwidth: float) -> None:
 def _model_table(console, Table, rows: list[dict], bandwidth: float, batches: list[int]) -> None:
     t = Table(title="embedded model (SmolLM2-135M-Instruct)")
     cols = ["format", "kernels", "weights MB", "load peak MB", "peak RSS MB", "read MB/token", "bound tok/s (b1)"]
-    cols += [f"prefill tok/s b{b}" for b in batches] + [f"decode tok/s b{b}" for b in batches] + ["ppl"]
+    cols += [f"prefill tok/s b{b}" for b in batches] + [f"decode tok/s b{b}" for b in batches]
+    cols += ["lean tok/s b1", "ppl"]
     for col in cols:
         t.add_column(col, justify="right")
     for r in rows:
+        if "error" in r:
+            t.add_row(r["format"], r["kernel"], r["error"][:60], *["-"] * (len(cols) - 3))
+            continue
         bound = bandwidth * 1e9 / (r["read_mb_per_token"] * 2**20)
         t.add_row(
             r["format"], ",".join(f"{k}:{v}" for k, v in r["kernels"].items()) or "-", f"{r['weight_mb']:.1f}",
             f"{r['load_peak_mb']:.0f}", f"{r['peak_rss_mb']:.0f}", f"{r['read_mb_per_token']:.1f}", f"{bound:.0f}",
             *[f"{r[f'prefill_tok_s_b{b}']:.0f}" for b in batches], *[f"{r[f'decode_tok_s_b{b}']:.1f}" for b in batches],
-            f"{r['ppl']:.3f}" if "ppl" in r else "-",
+            f"{r['lean_tok_s_b1']:.1f}" if "lean_tok_s_b1" in r else "-", f"{r['ppl']:.3f}" if "ppl" in r else "-",
         )  # fmt: skip
     console.print(t)
 

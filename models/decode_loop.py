@@ -5,7 +5,7 @@ and stopping bookkeeping) on top of the model's forward; with the lean step that
 of a small model's token. This loop does only what `models.inference.generate` asks of a decode:
 the model's own forward for the prompt, then one lean step a token, with transformers' own logits
 processors for repetition penalty, temperature, top-k and top-p, so sampling means what it means
-on the transformers path.
+on the transformers path. On a CUDA GPU each step is a replayed CUDA graph (`models.graph_decode`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from .graph_decode import token_steps
 from .lean_decode import LeanDecoder, prefill, unsupported
 
 
@@ -36,7 +37,8 @@ def unavailable(model: Any, inputs: dict[str, Any]) -> str | None:
 def greedy_token(scores: torch.Tensor) -> int:
     """The first highest-scoring token of 1-D float32 `scores`, as ``int(scores.argmax())`` picks it. NumPy's
     argmax reads a vocabulary's 50k floats in ~3 µs where torch's CPU argmax takes ~30 (a token is ~6 ms)."""
-    return int(scores.numpy().argmax()) if scores.dtype == torch.float32 else int(scores.argmax())
+    on_host = scores.dtype == torch.float32 and scores.device.type == "cpu"
+    return int(scores.numpy().argmax()) if on_host else int(scores.argmax())
 
 
 def processors(model: Any, options: Any) -> LogitsProcessorList:
@@ -74,9 +76,27 @@ def decode(
     input_ids = inputs["input_ids"]
     logits, prompt_cache = prefill(model, {"attention_mask": torch.ones_like(input_ids), **inputs})
     n = prompt_cache.get_seq_length()  # the positions the prompt took (image tokens included)
-    cache = lean.start(prompt_cache, n + options.max_new_tokens)
-    del prompt_cache
-    procs = processors(model, options)
+    with token_steps(lean, prompt_cache, n + options.max_new_tokens) as step:
+        del prompt_cache
+        new, cancelled = _loop(
+            tok, input_ids, logits, step, n, processors(model, options), options, ends, streamer, should_stop
+        )
+    return new, cancelled
+
+
+def _loop(
+    tok: Any,
+    input_ids: torch.Tensor,
+    logits: torch.Tensor,
+    step: Callable[[int, int], torch.Tensor],
+    n: int,
+    procs: LogitsProcessorList,
+    options: Any,
+    ends: list[int],
+    streamer: Any,
+    should_stop: Callable[[], bool] | None,
+) -> tuple[list[int], bool]:
+    """The token loop of `decode` after the prompt's `logits`: `step(token, pos)` gives the next logits."""
     ids = input_ids[0].clone()
     if streamer is not None:
         streamer.put(input_ids.cpu())
@@ -93,7 +113,7 @@ def decode(
         token = int(torch.multinomial(scores.softmax(-1), 1)) if sample else greedy_token(scores)
         new.append(token)
         if procs:
-            ids = torch.cat([ids, torch.tensor([token])])
+            ids = torch.cat([ids, torch.tensor([token], device=ids.device)])
         if streamer is not None:
             streamer.put(torch.tensor([token]))
         if token in ends or len(new) >= options.max_new_tokens:
@@ -103,7 +123,7 @@ def decode(
         if should_stop is not None and should_stop():
             cancelled = True
             break
-        logits = lean.step(cache, token, n + len(new) - 1)
+        logits = step(token, n + len(new) - 1)
     if streamer is not None:
         streamer.end()
     return new, cancelled

@@ -41,7 +41,7 @@ class GenerationOptions:
     seed: int | None = None
     stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
     compile: bool = False  # decode through a static KV cache and a torch.compile'd step (`models.fast_decode`)
-    lean: bool = True  # Llama-family decoders (and VLMs built on them) on a CPU decode through `models.decode_loop`
+    lean: bool = True  # Llama-family decoders (and VLMs on them) decode through `models.decode_loop` (CUDA: graphs)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

@@ -14,7 +14,10 @@ weights with ~30 ops a layer:
   rope type it implements (default, linear, llama3, yarn) is handled by transformers.
 
 The prompt is still run by the model's own forward (any attention implementation, images too);
-its cache is copied into the lean one, and only the one-token steps run here. Which decoders can
+its cache is copied into the lean one, and only the one-token steps run here. On a GPU the same
+layers run as `step_static`: token and position are tensors and the attention covers the whole
+cache under a mask, so no shape or host value depends on the position and the step can be
+captured once as a CUDA graph (`models.graph_decode`). Which decoders can
 run is data (`SUPPORTED_MODEL_TYPES`); anything else, and any layer shape the step does not know
 (Qwen2's per-layer windows, soft-capping, dynamic rope, M-RoPE), is refused with a reason
 (`unsupported`) and decodes through transformers as before.
@@ -250,8 +253,8 @@ def unsupported(model: Any) -> str | None:
     for kind in rope.values() if isinstance(rope, dict) else [rope]:
         if kind is None or kind.startswith("dynamic") or kind == "longrope":
             return f"rope type {kind!r} changes with the sequence length"
-    if model.device.type != "cpu":
-        return "the lean step is for the CPU (CUDA decodes through transformers)"
+    if model.device.type not in ("cpu", "cuda"):
+        return f"the lean step runs on a CPU or a CUDA GPU, not {model.device.type}"
     return None
 
 
@@ -271,6 +274,10 @@ class LeanCache:
     # are cos 1, sin 0 (rotating all rows at once is one op fewer than splitting v off first)
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
+    @property
+    def capacity(self) -> int:
+        return self.kv[0].shape[0]
+
 
 class LeanDecoder:
     """The one-token steps of `model` after a prompt. Built once per model (`for_model`); it keeps no
@@ -286,10 +293,12 @@ class LeanDecoder:
         self.n_q = config.num_attention_heads
         self.scaling = float(attn0.scaling)
         self.dtype = model.dtype
+        self.device = model.device
+        self.sign = SIGN.to(self.device)
         self.embed = decoder.embed_tokens.forward
         self.rotary = decoder.rotary_emb
         self.rope_by_type = "layer_type" in inspect.signature(self.rotary.forward).parameters
-        self.roll = torch.arange(self.head_dim).roll(self.head_dim // 2)  # rotate_half's column order
+        self.roll = torch.arange(self.head_dim, device=self.device).roll(self.head_dim // 2)  # rotate_half's columns
         self.norm = _norm(decoder.norm, self.dtype).forward
         head = _single(model.get_output_embeddings())
         self.head = head.call(self.dtype) if isinstance(head, _Fused) else head.forward
@@ -338,61 +347,111 @@ class LeanDecoder:
 
     def start(self, cache: Any, capacity: int) -> LeanCache:
         """A `LeanCache` of `capacity` tokens holding the prompt's keys/values from a transformers cache."""
-        n = cache.get_seq_length()
-        if capacity < n + 1:
-            raise ValueError(f"capacity {capacity} does not hold the {n}-token prompt and one more token")
-        kvs, keys, values, nkv = [], [], [], self.n_kv
-        for i in range(len(self.layers)):
-            k, v = cache.layers[i].keys[0], cache.layers[i].values[0]  # [n_kv, kept, head_dim]
-            kept = k.shape[1]  # a sliding-window layer keeps only the last positions
-            kv = torch.empty(capacity, 2 * nkv, self.head_dim, dtype=ATTENTION_DTYPE)
-            kv[n - kept : n, :nkv] = k.transpose(0, 1)
-            kv[n - kept : n, nkv:] = v.transpose(0, 1)
+        return self.load(self.empty_cache(capacity), cache)
+
+    def empty_cache(self, capacity: int) -> LeanCache:
+        """A `LeanCache` of `capacity` positions, keys and values zero (the static step's masked attention
+        multiplies unfilled positions by a weight of 0, which must not meet a NaN from uninitialised memory)."""
+        kvs, keys, values, nkv, dev = [], [], [], self.n_kv, self.device
+        for _ in self.layers:
+            kv = torch.zeros(capacity, 2 * nkv, self.head_dim, dtype=ATTENTION_DTYPE, device=dev)
             kvs.append(kv)
             keys.append(kv[:, :nkv].permute(1, 2, 0))
             values.append(kv[:, nkv:].permute(1, 0, 2))
-        positions, probe, half = torch.arange(capacity)[None], torch.empty(0, dtype=self.dtype), self.head_dim // 2
+        positions, probe, half = (
+            torch.arange(capacity, device=dev)[None],
+            torch.empty(0, dtype=self.dtype, device=dev),
+            self.head_dim // 2,
+        )
         rope = {}
         for name in {layer.rope for layer in self.layers}:
             cos, sin = self.rotary(probe, positions, name) if name else self.rotary(probe, positions)
             # rotate_half(x) * sin == cat(x2, x1) * cat(-sin1, sin2): the sign goes into the table;
             # q's rows also carry the attention scaling (rotation is linear), k's rows do not
             sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
-            rows = torch.tensor([self.scaling] * self.n_q + [1.0] * nkv + [0.0] * nkv)[None, :, None]
+            rows = torch.tensor([self.scaling] * self.n_q + [1.0] * nkv + [0.0] * nkv, device=dev)[None, :, None]
             cos = cos[0, :, None, :].float() * rows
             cos[:, self.n_q + nkv :] = 1.0
             rope[name] = (cos, sin[:, None, :].float() * rows)
         return LeanCache(kvs, keys, values, rope)
 
+    def load(self, lean: LeanCache, cache: Any) -> LeanCache:
+        """`lean` holding the prompt's keys/values from the transformers `cache` (copied in place, so a
+        CUDA graph captured over `lean` sees them); positions after the prompt are left as they are."""
+        n = cache.get_seq_length()
+        if lean.capacity < n + 1:
+            raise ValueError(f"capacity {lean.capacity} does not hold the {n}-token prompt and one more token")
+        nkv = self.n_kv
+        for i, kv in enumerate(lean.kv):
+            k, v = cache.layers[i].keys[0], cache.layers[i].values[0]  # [n_kv, kept, head_dim]
+            kept = k.shape[1]  # a sliding-window layer keeps only the last positions
+            kv[n - kept : n, :nkv] = k.transpose(0, 1)
+            kv[n - kept : n, nkv:] = v.transpose(0, 1)
+        return lean
+
     def step(self, cache: LeanCache, token: int, pos: int) -> torch.Tensor:
-        """Logits [vocab] (float32) for the token after `token`, which sits at position `pos`."""
+        """Logits [vocab] (float32) for the token after `token`, which sits at position `pos`. The attention
+        reads only the filled part of the cache, so every position's step has its own shapes (the CPU's way:
+        no work on empty positions)."""
+        x = self.embed(torch.tensor([token], device=self.device))
+        rope = {name: (cos[pos], sin[pos]) for name, (cos, sin) in cache.rope.items()}
+        return self._forward(cache, x, rope, pos, None)
+
+    def step_static(self, cache: LeanCache, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """`step` for `token` and `pos` given as one-element int64 tensors on the model's device. Nothing
+        depends on their values but the numbers: the key-value write is an `index_copy_`, and the attention
+        covers the whole capacity with later (and out-of-window) positions masked, so every call runs the
+        same kernels on the same shapes and reads no value back to the host: what a CUDA graph needs."""
+        x = self.embed(token)
+        rope = {
+            name: (cos.index_select(0, pos)[0], sin.index_select(0, pos)[0]) for name, (cos, sin) in cache.rope.items()
+        }
+        slots = torch.arange(cache.capacity, device=self.device)
+        later = slots > pos
+        blocked = {w: later if w is None else later | (slots <= pos - w) for w in {la.window for la in self.layers}}
+        return self._forward(cache, x, rope, pos, blocked)
+
+    def _forward(
+        self,
+        cache: LeanCache,
+        x: torch.Tensor,
+        rope: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        pos: int | torch.Tensor,
+        blocked: dict[int | None, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """The layers and the head for the embedded token `x` [1, hidden] at `pos`: `blocked` None reads the
+        cache's filled part (`step`), else the whole cache with each window's `blocked` positions masked."""
         hd, nq, nkv, group = self.head_dim, self.n_q, self.n_kv, self.n_q // self.n_kv
-        rows, roll = nq + 2 * nkv, self.roll
+        rows, roll, sign = nq + 2 * nkv, self.roll, self.sign
         # The residual stream is float32 (transformers keeps it in the model dtype: one rounding less
         # per layer) and doubled, [x, -x], for the norms (`_RMSNorm`); a block's output `out` is added
-        # to both halves by one addcmul with `SIGN`. What enters every matmul is in the model dtype.
-        x = self.embed(torch.tensor([token])).float()  # [1, hidden]
+        # to both halves by one addcmul with `sign`. What enters every matmul is in the model dtype.
+        x = x.float()
         doubled = torch.cat([x, x.neg()], dim=-1)
         halves = doubled.view(2, -1)
-        rope = {name: (cos[pos], sin[pos]) for name, (cos, sin) in cache.rope.items()}
-        n = pos + 1
+        n = None if blocked is not None else pos + 1
         for layer, kv, keys, values in zip(self.layers, cache.kv, cache.keys, cache.values, strict=True):
             cos, sin = rope[layer.rope]
-            lo = 0 if layer.window is None else max(0, n - layer.window)
             qkv = layer.qkv(layer.norm_in(doubled)).view(rows, hd)
             if layer.q_norm is not None:
                 qkv = torch.cat([layer.q_norm(qkv[:nq]), layer.k_norm(qkv[nq : nq + nkv]), qkv[nq + nkv :]])
             # rotate_half(qkv) is a permutation (the sign is in `sin`); float32 from here on, q scaled
             # already, v rows unrotated (cos 1, sin 0)
             q, new_kv = torch.addcmul(qkv * cos, qkv.index_select(1, roll), sin).split((nq, 2 * nkv))
-            kv.select(0, pos).copy_(new_kv)
-            scores = torch.bmm(q.view(nkv, group, hd), keys.narrow(2, lo, n - lo))
-            attn = torch.bmm(scores.softmax(-1), values.narrow(1, lo, n - lo)).view(1, nq * hd).to(self.dtype)
-            out = layer.o(attn)
-            halves.addcmul_(out if layer.attn_out_norm is None else layer.attn_out_norm(out), SIGN)
+            if blocked is None:
+                lo = 0 if layer.window is None else max(0, n - layer.window)
+                kv.select(0, pos).copy_(new_kv)
+                scores = torch.bmm(q.view(nkv, group, hd), keys.narrow(2, lo, n - lo))
+                attn = torch.bmm(scores.softmax(-1), values.narrow(1, lo, n - lo))
+            else:
+                kv.index_copy_(0, pos, new_kv[None])
+                scores = torch.bmm(q.view(nkv, group, hd), keys).masked_fill_(blocked[layer.window], float("-inf"))
+                attn = torch.bmm(scores.softmax(-1), values)
+            out = layer.o(attn.view(1, nq * hd).to(self.dtype))
+            halves.addcmul_(out if layer.attn_out_norm is None else layer.attn_out_norm(out), sign)
             gate, up = layer.gate_up(layer.norm_post(doubled)).chunk(2, -1)
             out = layer.down(layer.act(gate).mul_(up))
-            halves.addcmul_(out if layer.mlp_out_norm is None else layer.mlp_out_norm(out), SIGN)
+            halves.addcmul_(out if layer.mlp_out_norm is None else layer.mlp_out_norm(out), sign)
         return self.head(self.norm(doubled))[0].float()
 
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The prepared GPU check (one short run on a lent CUDA machine, a few minutes):
-#   1. the `cuda`-marked tests (tinygemm-cuda vs the reference, quantize on CUDA vs CPU),
+#   1. the `cuda`-marked tests (tinygemm-cuda vs the reference, quantize on CUDA vs CPU, CUDA-graph decode),
 #   2. the int4 decode benchmark's layer part on CUDA (fp16/bf16 vs int4 at 0.5B/1.5B/7B shapes),
 #   3. calibration memory per mode at 128 x 2048 tokens (SmolLM2 shapes, random weights),
-#   4. the embedded model on CUDA (fp16, bf16, int4, int4 + quantized LM head), without perplexity,
+#   4. the embedded model on CUDA (fp16, bf16, int4 on tinygemm-cuda and on gemlite, int4 + quantized LM head),
+#      without perplexity: transformers' forward a token ("decode") and the CUDA-graphed lean step ("lean"),
 #   5. GemLite (optional extra `gpu`): installed with --no-deps if missing (the machine's CUDA torch
 #      and its Triton stay as they are), its `cuda` tests, and one decoder layer's projections at
 #      Llama-2-7B / Qwen2.5-0.5B shapes, batch 1: bf16 vs tinygemm-cuda vs gemlite, eager and graphed.

@@ -37,13 +37,17 @@ class QuantEmbedding(nn.Module):
         self.register_buffer("scales", rows.scales.to(device=device, dtype=torch.float32), persistent=False)
         scale = getattr(like, "embed_scale", None)
         self.embed_scale = None if scale is None else float(scale)
+        # the scale as a tensor made once: one made per call would be a host-to-device copy, which a CUDA
+        # graph cannot record (`models.graph_decode`)
+        scale_t = None if scale is None else torch.tensor(float(scale), dtype=dtype, device=device)
+        self.register_buffer("embed_scale_t", scale_t, persistent=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         ids = input_ids.reshape(-1)
         rows = self.qweight.index_select(0, ids).float() * self.scales.index_select(0, ids)[:, None]
         out = rows.to(self.dtype)
         if self.embed_scale is not None:
-            out = out * torch.tensor(self.embed_scale, dtype=self.dtype, device=out.device)
+            out = out * self.embed_scale_t
         return out.reshape(*input_ids.shape, self.embedding_dim)
 
     def rows(self) -> Int8Rows:

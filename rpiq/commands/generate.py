@@ -22,7 +22,7 @@ def generate(
     system: Annotated[str | None, typer.Option(help="system prompt (chat mode)")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     kernel: Annotated[
-        str, typer.Option(help="int4 kernel for checkpoints: auto, tinygemm-cpu, tinygemm-cuda, dequant")
+        str, typer.Option(help="int4 kernel for checkpoints: auto, tinygemm-cpu, tinygemm-cuda, gemlite, dequant")
     ] = "auto",
     stream: Annotated[bool, typer.Option(help="print tokens as they are generated")] = True,
     compile: Annotated[
@@ -31,8 +31,8 @@ def generate(
     lean: Annotated[
         bool,
         typer.Option(
-            help="decode Llama-family models on the CPU with the lean step (fused int4 projections, "
-            "preallocated cache); --no-lean runs transformers' forward for every token"
+            help="decode Llama-family models with the lean step (CPU: fused int4 projections, a preallocated "
+            "cache; CUDA: one replayed CUDA graph a token); --no-lean runs transformers' forward for every token"
         ),
     ] = True,
 ) -> None:
