@@ -144,6 +144,37 @@ def test_auto_picks_tinygemm_on_cpu_and_falls_back_to_the_reference():
     assert kernel_for("auto", quantized_layer(32, 128, group=16), CPU).kernel == "dequant"
 
 
+def test_auto_times_the_fast_kernels_where_several_fit_and_caches_the_choice(monkeypatch):
+    """Where several fast kernels can take a layer (CUDA: GemLite and tinygemm), `auto` keeps the one measured
+    fastest on that shape. On this CPU: two CPU kernels made candidates, timings from a fake clock."""
+    from models.int4 import autotune
+    from models.int4.linear import _AUTO_ORDER, TinygemmCPULinear
+
+    class SlowTinygemm(TinygemmCPULinear):
+        kernel = "slow-tinygemm"
+
+    monkeypatch.setitem(KERNELS, "slow-tinygemm", SlowTinygemm)
+    monkeypatch.setitem(_AUTO_ORDER, "cpu", ("slow-tinygemm", "tinygemm-cpu", "dequant"))
+    timed: list[str] = []
+
+    def fake_seconds(layer, x):
+        timed.append(type(layer).kernel)
+        assert x.shape == (1, layer.in_features) and x.dtype == torch.bfloat16
+        return {"slow-tinygemm": 2.0, "tinygemm-cpu": 1.0}[type(layer).kernel]
+
+    monkeypatch.setattr(autotune, "seconds_per_call", fake_seconds)
+    autotune.clear_cache()
+    assert kernel_for("auto", quantized_layer(32, 128), CPU) is TinygemmCPULinear
+    assert kernel_for("auto", quantized_layer(32, 128), CPU) is TinygemmCPULinear  # same shape: cached
+    assert timed == ["slow-tinygemm", "tinygemm-cpu"]
+    assert kernel_for("auto", quantized_layer(64, 128), CPU) is TinygemmCPULinear  # a new shape is timed
+    assert len(timed) == 4
+    # the dequantizing reference is never timed against fast kernels, and a 3-bit layer (no fast kernel) takes it
+    assert kernel_for("auto", quantized_layer(32, 128, bits=3, group=32), CPU).kernel == "dequant"
+    assert len(timed) == 4
+    autotune.clear_cache()
+
+
 def test_explicit_kernel_that_cannot_run_says_why():
     qw3 = quantized_layer(32, 128, bits=3, group=32)
     with pytest.raises(KernelUnavailableError, match="4-bit only"):

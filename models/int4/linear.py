@@ -20,6 +20,7 @@ from torch import nn
 
 from gptq_format import QuantizedWeight
 
+from . import autotune
 from .layout import nibbles_high_first, tinygemm_layout, unsupported_reason
 
 _DEVICE_TYPES = ("cpu", "cuda")
@@ -199,28 +200,38 @@ KERNELS: dict[str, type[QuantLinear]] = {
 KernelName = Literal["auto", "tinygemm-cuda", "tinygemm-cpu", "dequant", "gemlite"]
 KERNEL_CHOICES: tuple[str, ...] = get_args(KernelName)
 assert set(KERNEL_CHOICES) == {"auto", *KERNELS}, "KernelName must list every kernel"
-# Fastest first; `auto` takes the first one that can run on the device and represent the layer.
+# `auto`'s candidates per device (the dequantizing reference last): of those that can run on the device and
+# represent a layer, one is taken as it is, several are timed on the layer's shape (`autotune`).
 _AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cuda": ("gemlite", "tinygemm-cuda", "dequant"),  # gemlite only where the library imports
     "cpu": ("tinygemm-cpu", "dequant"),
 }
 
 
-def kernel_for(name: KernelName | str, qw: QuantizedWeight, device: torch.device | str) -> type[QuantLinear]:
+def kernel_for(
+    name: KernelName | str, qw: QuantizedWeight, device: torch.device | str, dtype: torch.dtype = torch.bfloat16
+) -> type[QuantLinear]:
     """The QuantLinear class that computes `qw` on `device` (`name` a kernel or "auto").
 
-    An explicitly named kernel that cannot run is an error saying why; "auto" falls back to the
-    next kernel in line, ending with the dequantizing reference, which always works.
+    An explicitly named kernel that cannot run is an error saying why; "auto" takes the fast kernels
+    that can run on the device and represent the layer and, where there are several (CUDA: GemLite and
+    tinygemm), the one measured fastest on this layer's shape (`autotune`, activations in `dtype`);
+    where there are none, the dequantizing reference, which always works.
     """
     device = torch.device(device)
     if device.type not in _DEVICE_TYPES:
         raise KernelUnavailableError(f"device {device.type!r} is not supported; use one of {_DEVICE_TYPES}")
     if name == "auto":
-        for candidate in _AUTO_ORDER[device.type]:
-            cls = KERNELS[candidate]
-            if cls.unavailable(device) is None and cls.unsupported(qw) is None:
-                return cls
-        return DequantLinear
+        fits = [
+            KERNELS[c]
+            for c in _AUTO_ORDER[device.type]
+            if c != DequantLinear.kernel
+            and KERNELS[c].unavailable(device) is None
+            and KERNELS[c].unsupported(qw) is None
+        ]
+        if len(fits) > 1:
+            return autotune.fastest(fits, qw, device, dtype) or DequantLinear
+        return fits[0] if fits else DequantLinear
     if name not in KERNELS:
         raise KernelUnavailableError(f"unknown kernel {name!r}; choose one of {', '.join(KERNEL_CHOICES)}")
     cls = KERNELS[name]

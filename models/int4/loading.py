@@ -62,8 +62,8 @@ def quantize_linears_in_place(
             raise ValueError(
                 f"{name}: quantized weight {list(qw.shape)} does not match the layer {list(old.weight.shape)}"
             )
-        cls = kernel_for(kernel, qw, device)
         out_dtype = dtype or old.weight.dtype
+        cls = kernel_for(kernel, qw, device, out_dtype)
         _swap(model, name, cls.from_weight(qw, old.bias, device, out_dtype))
         used[cls.kernel] += 1
     return used
@@ -118,7 +118,7 @@ def load_quantized(
         qw = stream.quantized_weight(name)
         target = _linear_for(model, name, qw, path)
         bias = stream.take(f"{name}.bias") if target.bias is not None else None
-        cls = kernel_for(kernel, qw, device)
+        cls = kernel_for(kernel, qw, device, dtype)
         _swap(model, name, cls.from_weight(qw, bias, device, dtype))
         used[cls.kernel] += 1
         del qw
