@@ -3,8 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-# Third-party GPTQ loaders that our checkpoints are checked against (test-only, see the file).
-.venv/bin/python -c 'import importlib.util as u, sys; sys.exit(u.find_spec("gptqmodel") is None)' 2>/dev/null \
+# Third-party GPTQ loaders that our checkpoints are checked against, and GemLite (test-only, see the file).
+.venv/bin/python -c 'import importlib.util as u, sys; sys.exit(not all(map(u.find_spec, ("gptqmodel", "gemlite"))))' 2>/dev/null \
   || .venv/bin/python -m pip install -q --no-deps -r tests/requirements-thirdparty.txt
 # axe-core for the web page's accessibility check (tests/ui; skipped there when node/npm are missing).
 if command -v npm >/dev/null; then npm ci --prefix tests/ui --no-audit --no-fund --silent; fi

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, GemLite's Triton kernels run under Triton's interpreter (tests/test_int4_gpu_kernel.py).
+# The choice must be made before triton is first imported, by anything: its standard library's @jit
+# functions are built then, and torch's compiler (tests/test_fast_decode.py) imports it too.
+if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
@@ -35,8 +44,6 @@ def one_thread():
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """`cuda` tests run where a CUDA GPU is present and are skipped, saying why, elsewhere."""
-    import torch
-
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="no CUDA GPU on this machine")
