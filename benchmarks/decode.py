@@ -17,6 +17,11 @@ Two parts, every configuration in its own child process (so peak RSS is its own)
     python benchmarks/decode.py                         # CPU, both parts, ~10 min on 2 cores
     python benchmarks/decode.py --part layers --sizes 7b
     python benchmarks/decode.py --device cuda --out benchmarks/results/decode_cuda.json
+    python benchmarks/decode.py --device cuda --part model --synthetic   # no model files needed
+
+`--synthetic` builds SmolLM2-135M's shapes from its config with random weights and a byte tokenizer, and
+RTN checkpoints of it: speed and memory do not depend on the weights' values (perplexity does: skipped),
+so a machine without the embedded model (a lent GPU that reaches no registry) measures the same model.
 
 Checkpoints are built once (GPTQ, 8 x 512 calibration tokens) under ~/.cache/rpiq/bench unless
 given with --checkpoint / --checkpoint-lm-head. Prints tables and saves JSON.
@@ -289,9 +294,39 @@ def _lean_decode(model, device, prompt: int, new: int, vocab: int) -> float:
     return run()
 
 
-def ensure_checkpoint(path: Path, lm_head: bool, embeddings: str = "none", model_dir: str | None = None) -> Path:
-    """A GPTQ w4g128 checkpoint of the embedded model (or of `model_dir`), built once, in a child process;
-    `embeddings="int8"` stores the (tied) embedding table as int8 rows too."""
+SMOLLM2_SHAPES = dict(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+    num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)  # fmt: skip
+"""SmolLM2-135M-Instruct's config.json, the fields that decide its shapes and its decode step."""
+
+
+def synthetic_model_dir(path: Path) -> Path:
+    """A LlamaForCausalLM of SmolLM2-135M's shapes with random weights and a byte-level tokenizer, saved once."""
+    if (path / "config.json").is_file():
+        return path
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPES)).to(torch.bfloat16)
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def ensure_checkpoint(
+    path: Path, lm_head: bool, embeddings: str = "none", model_dir: str | None = None, method: str = "gptq"
+) -> Path:
+    """A `method` (GPTQ) w4g128 checkpoint of the embedded model (or of `model_dir`), built once, in a child
+    process; `embeddings="int8"` stores the (tied) embedding table as int8 rows too."""
     if (path / "config.json").is_file():
         return path
     import torch
@@ -305,7 +340,7 @@ def ensure_checkpoint(path: Path, lm_head: bool, embeddings: str = "none", model
     model, tok, _ = load_fp_model(model_dir)
     dtype = torch.bfloat16 if model.config.model_type.startswith("gemma") else torch.float16  # fp16 overflows Gemma
     calib = calibration_windows(tok, load_text("calib"), 8, 512, seed=0)
-    cfg = quant_config("gptq", grid=GridConfig(bits=4, group_size=128, embeddings=embeddings))
+    cfg = quant_config(method, grid=GridConfig(bits=4, group_size=128, embeddings=embeddings))
     res = quantize_model(model, calib, cfg, progress=False, lm_head=lm_head)
     save_quantized(
         model,
@@ -335,6 +370,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", type=Path, default=CACHE / "smollm2-gptq-w4g128")
     ap.add_argument("--checkpoint-lm-head", type=Path, default=CACHE / "smollm2-gptq-w4g128-lmhead")
     ap.add_argument("--checkpoint-emb8", type=Path, default=CACHE / "smollm2-gptq-w4g128-emb8")
+    ap.add_argument("--synthetic", action="store_true", help="SmolLM2 shapes, random weights, RTN checkpoints")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -360,10 +396,17 @@ def main() -> None:
         _layers_table(console, Table, result["layers"], bandwidth)
 
     if args.part in ("model", "all"):
-        ckpt = in_child(_ensure_checkpoint_job, (str(args.checkpoint), False, "none"))
-        ckpt_head = in_child(_ensure_checkpoint_job, (str(args.checkpoint_lm_head), True, "none"))
-        ckpt_emb8 = in_child(_ensure_checkpoint_job, (str(args.checkpoint_emb8), False, "int8"))
-        fp_dir = str(resolve_model(None))
+        if args.synthetic:
+            fp_dir = str(in_child(synthetic_model_dir, CACHE / "synthetic-smollm2"))
+            ckpts = [CACHE / f"synthetic-smollm2-rtn-w4g128{s}" for s in ("", "-lmhead", "-emb8")]
+            extra: tuple = (fp_dir, "rtn")
+            args.ppl_windows = 0  # random weights: perplexity means nothing
+        else:
+            fp_dir = str(resolve_model(None))
+            ckpts, extra = [args.checkpoint, args.checkpoint_lm_head, args.checkpoint_emb8], ()
+        ckpt = in_child(_ensure_checkpoint_job, (str(ckpts[0]), False, "none", *extra))
+        ckpt_head = in_child(_ensure_checkpoint_job, (str(ckpts[1]), True, "none", *extra))
+        ckpt_emb8 = in_child(_ensure_checkpoint_job, (str(ckpts[2]), False, "int8", *extra))
         short = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
         configs = [(short[d], fp_dir, "auto") for d in dense]
         if device.type == "cuda":  # each int4 kernel on its own (gemlite: optional extra `gpu`)
@@ -395,7 +438,7 @@ def main() -> None:
 
 
 def _ensure_checkpoint_job(arg: tuple) -> str:
-    """(path, lm_head[, embeddings]) -> the checkpoint directory; for `in_child`."""
+    """(path, lm_head[, embeddings[, model_dir[, method]]]) -> the checkpoint directory; for `in_child`."""
     return str(ensure_checkpoint(Path(arg[0]), *arg[1:]))
 
 
