@@ -219,6 +219,28 @@ def ablation(model_dir: str, nsamples: int, seqlen: int, layer: int, bits: int) 
 # --------------------------------------------------------------------------- driver
 
 
+def key(r: dict) -> tuple:
+    return r["grid"], r["method"], r["seed"]
+
+
+def plan_jobs(
+    base: dict, grids: str, methods: str, seeds: list[int], seed_grids: str, rows: list[dict], redo: set[str]
+) -> tuple[list[dict], list[dict]]:
+    """The jobs a run needs, and the earlier rows it keeps: a grid/method/seed row already in ``rows``
+    is kept and not rerun, unless its method is in ``redo`` (then it is dropped and run again)."""
+    jobs = [{**base, "method": "fp", "grid": "fp", "bits": 16, "group_size": 0, "seed": 0}]
+    for grid in filter(None, grids.split(",")):
+        bits, group = GRIDS[grid]
+        for method in methods.split(","):
+            spread = method != "rtn" and grid in seed_grids.split(",")  # RTN ignores calibration
+            for seed in seeds if spread else seeds[:1]:
+                jobs.append({**base, "method": method, "grid": grid, "bits": bits, "group_size": group, "seed": seed})
+    redone = {key(j) for j in jobs if j["method"] in redo}
+    kept = [r for r in rows if key(r) not in redone]
+    have = {key(r) for r in kept}
+    return [j for j in jobs if key(j) not in have], kept
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke test: 3-bit FP/RTN/GPTQ, 2 evaluation windows")
@@ -253,7 +275,18 @@ def main() -> None:
         help="continue the report.json in --out-dir (same model and settings): runs only the grid/method/seed "
         "rows it lacks (an interrupted run resumes), keeps its ablation and inference parts unless rerun",
     )
+    ap.add_argument(
+        "--redo",
+        default="",
+        help="with --append: these methods' rows (of those this command plans) replace the earlier ones instead "
+        "of being kept, e.g. after a default changed; resume an interrupted redo with --append alone",
+    )
     args = ap.parse_args()
+    redo = set(filter(None, args.redo.split(",")))
+    if redo and not args.append:
+        ap.error("--redo needs --append (without it every row is run anyway)")
+    if redo - set(args.methods.split(",")):
+        ap.error(f"--redo {args.redo}: not in --methods {args.methods}")
     if args.quick:
         args.grids, args.methods, args.seeds = "w3g128", "rtn,gptq", "0"
         args.nsamples, args.seqlen, args.eval_windows = 8, 512, 2  # fewer tokens: GPTQ overfits (measured)
@@ -278,11 +311,7 @@ def main() -> None:
     previous = json.loads(report_path.read_text()) if args.append and report_path.exists() else {}
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
-    def key(r: dict) -> tuple:
-        return r["grid"], r["method"], r["seed"]
-
-    rows = list(previous.get("rows", []))
-    have = {key(r) for r in rows}
+    jobs, rows = plan_jobs(base, args.grids, args.methods, seeds, args.seed_grids, previous.get("rows", []), redo)
 
     def record(row: dict | None, job: dict) -> None:
         if row is None:
@@ -290,19 +319,10 @@ def main() -> None:
             console.print(f"[yellow]skipped {job['method']}: its venv is missing or its run failed (`{install}`)[/]")
             return
         rows.append(row)
-        have.add(key(row))
         # Saved after every job, so an interrupted run loses its running jobs at most (resume with --append).
         report_path.write_text(json.dumps({**previous, "rows": rows, "partial": True}, indent=1))
         console.print({k: row.get(k) for k in ("grid", "method", "seed", *[f"ppl_{t}" for t in evals])})
 
-    jobs = [{**base, "method": "fp", "grid": "fp", "bits": 16, "group_size": 0, "seed": 0}]
-    for grid in filter(None, args.grids.split(",")):
-        bits, group = GRIDS[grid]
-        for method in args.methods.split(","):
-            spread = method != "rtn" and grid in args.seed_grids.split(",")  # RTN ignores calibration
-            for seed in seeds if spread else seeds[:1]:
-                jobs.append({**base, "method": method, "grid": grid, "bits": bits, "group_size": group, "seed": seed})
-    jobs = [j for j in jobs if key(j) not in have]
     if args.jobs > 1:
         threads = max(1, mp.cpu_count() // args.jobs)
         # One fresh process per job (peak RSS is per job), N at a time; timings are then under load.

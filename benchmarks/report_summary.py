@@ -69,6 +69,8 @@ def _versus(r: dict, g: dict, text: str, grid: str, name: str, other: str) -> st
     """One verdict line: `r`'s gap to FP against `g`'s on `text`, with the seed spread."""
     change = 1 - r[f"gap_{text}"] / g[f"gap_{text}"] if g[f"gap_{text}"] else float("nan")
     word = "smaller" if change > 0 else "LARGER"
+    if r[f"gap_{text}"] < 0 <= g[f"gap_{text}"]:  # below full precision: no "104 % smaller"
+        word, change = "smaller: below full precision", 1.0
     noise = max(r[f"ppl_{text}_std"], g[f"ppl_{text}_std"])
     within = abs(r[f"ppl_{text}"] - g[f"ppl_{text}"]) <= 2 * noise
     if min(r["runs"], g["runs"]) > 1:
@@ -116,7 +118,12 @@ def markdown(report: dict) -> str:
         md += [note, ""]
     history = report["meta"].get("history", [])
     if len(history) > 1:
-        md += ["Commands, oldest first (each `--append` run added the rows it lacked):", ""]
+        redo = (
+            "; one with `--redo METHODS` ran those methods' rows again, replacing them"
+            if any("--redo" in c for c in history)
+            else ""
+        )
+        md += [f"Commands, oldest first (each `--append` run added the rows it lacked{redo}):", ""]
         md += [f"{i}. `{c}`" for i, c in enumerate(history, 1)] + [""]
     md += [f"Command: `{report['meta']['command']}`", f"Machine: {report['meta']['machine']}", ""]
     md += [f"Versions: {report['meta']['versions']}", ""]

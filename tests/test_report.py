@@ -1,5 +1,6 @@
 """The evidence report: its --quick mode as CI runs it (files written, 3-bit RTN worse than GPTQ), and
-its summaries, verdicts and Markdown on made-up rows (reference-library rows included)."""
+its summaries, verdicts and Markdown on made-up rows (reference-library rows included), and which rows
+an --append (--redo) run keeps and runs."""
 
 from __future__ import annotations
 
@@ -32,6 +33,16 @@ def _rows() -> list[dict]:
     return rows
 
 
+def test_a_gap_below_full_precision_is_said_so_not_as_over_100_percent():
+    r = {"gap_heldout": -0.4, "ppl_heldout": 92.5, "ppl_heldout_std": 0.0, "runs": 1}
+    g = {"gap_heldout": 9.6, "ppl_heldout": 102.5, "ppl_heldout_std": 0.0, "runs": 1}
+    line = report_summary._versus(r, g, "heldout", "w4g128", "RPIQ", "GPTQ")
+    assert line == (
+        "w4g128, heldout: RPIQ gap to FP -0.40 vs GPTQ +9.60 (100% smaller: below full precision); "
+        "one seed: spread not measured"
+    )
+
+
 def test_summary_verdicts_and_markdown_hold_the_reference_library_rows():
     assert set(report.REFERENCES) <= set(report_summary.METHODS)  # every reference row has a label and a plot
     rows = _rows()
@@ -57,6 +68,27 @@ def test_summary_verdicts_and_markdown_hold_the_reference_library_rows():
     assert "| w3g128 | GPTQ v2 / GPTAQ (GPTQModel) | 3 | 3.16 | 70.00 (69.00..71.00) |" in md
     assert "| w3g128 | GPTQ (GPTQModel v1) | 3 |" in md
     assert "Earlier parts: by hand." in md and "2. `python benchmarks/report.py --append`" in md
+
+
+def test_append_keeps_earlier_rows_and_redo_replaces_the_named_methods_rows():
+    rows = _rows()  # FP and 3-bit rows of five methods, seeds 0-2
+    jobs, kept = report.plan_jobs({}, "w3g128", "gptq,rpiq", [0, 1, 2], "w3g128", rows, set())
+    assert jobs == [] and kept == rows  # --append: nothing lacking, nothing rerun (FP included)
+    jobs, kept = report.plan_jobs({}, "w3g128,w4pc", "gptq,rpiq", [0, 1, 2], "w3g128", rows, {"rpiq"})
+    assert [report.key(j) for j in jobs] == [
+        ("w3g128", "rpiq", 0), ("w3g128", "rpiq", 1), ("w3g128", "rpiq", 2), ("w4pc", "gptq", 0), ("w4pc", "rpiq", 0)
+    ]  # fmt: skip
+    assert kept == [r for r in rows if r["method"] != "rpiq"]  # the other methods' rows stay as they were
+    history = ["python benchmarks/report.py", "python benchmarks/report.py --append --redo rpiq"]
+    meta = {
+        "date": "d", "command": history[-1], "machine": "x", "versions": "v", "evals": ["heldout"], "nsamples": 8,
+        "seqlen": 512, "seeds": [0], "eval_seqlen": 512, "eval_windows": 2, "model": "m", "history": history,
+    }  # fmt: skip
+    md = report_summary.markdown({"rows": rows, "summary": [], "verdicts": [], "meta": meta})
+    assert "one with `--redo METHODS` ran those methods' rows again, replacing them" in md
+    for bad in (["--redo", "rpiq"], ["--append", "--methods", "gptq", "--redo", "rpiq"]):  # no --append; not run
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), *bad], capture_output=True)
+        assert proc.returncode == 2 and b"--redo" in proc.stderr, proc.stderr
 
 
 def test_reference_rows_are_skipped_when_their_venv_is_missing(monkeypatch, tmp_path):
