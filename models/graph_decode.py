@@ -16,6 +16,7 @@ of the cache). A `StaticSlot` also runs eagerly on a CPU, which is how the tests
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,6 +32,8 @@ more graph (and one more cache) kept per concurrent generation."""
 
 SPARE_SLOTS = 2
 """Idle slots kept per bucket once their generations end; more are built when more run at once."""
+
+log = logging.getLogger(__name__)
 
 WARMUP_STEPS = 3
 """Eager steps on a side stream before recording (PyTorch's rule for capture: lazy initialisation, such
@@ -58,7 +61,13 @@ class StaticSlot:
         self.logits: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
         if graph if graph is not None else device.type == "cuda":
-            self._capture()
+            try:
+                self._capture()
+            except Exception as e:  # an op the graph cannot hold, or a driver refusing: still decode, eagerly
+                self.graph = self.logits = None
+                log.warning(
+                    "CUDA graph capture failed (%s: %s); this slot decodes without a graph", type(e).__name__, e
+                )
 
     @property
     def capacity(self) -> int:
@@ -83,16 +92,23 @@ class StaticSlot:
 
     def _capture(self) -> None:
         """Record `step_static` over this slot's buffers. The warm-up steps write position 0 of a zero
-        cache; `load` overwrites it before the first real step reads it."""
-        side = torch.cuda.Stream(device=self.lean.device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_STEPS):
-                self.lean.step_static(self.cache, self.token, self.pos)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self.lean.step_static(self.cache, self.token, self.pos)
+        cache; `load` overwrites it before the first real step reads it. One capture at a time, checked
+        for unsafe calls in this thread only: the server's other lanes keep decoding (and allocating)
+        meanwhile, which the default process-wide check would turn into a failed capture."""
+        with _CAPTURE_LOCK:
+            side = torch.cuda.Stream(device=self.lean.device)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_STEPS):
+                    self.lean.step_static(self.cache, self.token, self.pos)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self.logits = self.lean.step_static(self.cache, self.token, self.pos)
+            self.graph = graph
+
+
+_CAPTURE_LOCK = threading.Lock()
 
 
 class SlotPool:

@@ -130,6 +130,17 @@ def test_static_step_is_capturable_the_same_ops_and_shapes_at_every_position(arc
     assert dynamic != _trace(lean.step, cpu_cache, 81, 11)
 
 
+def test_a_failed_capture_decodes_without_a_graph_and_says_so(caplog):
+    """Here the capture fails for want of a GPU; on one, an op a graph cannot hold would fail the same way."""
+    model = _float("llama")
+    _, lean_logits = _teacher_forced(model, TOKENS)
+    lean = lean_decode.LeanDecoder.for_model(model)
+    with caplog.at_level("WARNING", logger="models.graph_decode"):
+        slot = StaticSlot(lean, 64, graph=True)
+    assert slot.graph is None and "CUDA graph capture failed" in caplog.text
+    torch.testing.assert_close(_static_teacher_forced(model, TOKENS, 64, slot), lean_logits, atol=2e-5, rtol=1e-5)
+
+
 def test_capacity_buckets_and_the_slot_pool():
     assert [bucket(n) for n in (1, 256, 257, 1000, 1024, 1025)] == [256, 256, 512, 1024, 1024, 2048]
     lean = lean_decode.LeanDecoder.for_model(_float("llama"))
