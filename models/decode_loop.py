@@ -78,52 +78,34 @@ def decode(
     n = prompt_cache.get_seq_length()  # the positions the prompt took (image tokens included)
     with token_steps(lean, prompt_cache, n + options.max_new_tokens) as step:
         del prompt_cache
-        new, cancelled = _loop(
-            tok, input_ids, logits, step, n, processors(model, options), options, ends, streamer, should_stop
-        )
-    return new, cancelled
-
-
-def _loop(
-    tok: Any,
-    input_ids: torch.Tensor,
-    logits: torch.Tensor,
-    step: Callable[[int, int], torch.Tensor],
-    n: int,
-    procs: LogitsProcessorList,
-    options: Any,
-    ends: list[int],
-    streamer: Any,
-    should_stop: Callable[[], bool] | None,
-) -> tuple[list[int], bool]:
-    """The token loop of `decode` after the prompt's `logits`: `step(token, pos)` gives the next logits."""
-    ids = input_ids[0].clone()
-    if streamer is not None:
-        streamer.put(input_ids.cpu())
-    new: list[int] = []
-    sample, cancelled = options.temperature > 0, False
-    # A stop string that ends in the newest token lies within its last `tail` tokens (a token is at least
-    # one character, or one of at most 4 bytes of one), so only those are decoded after each token: the
-    # whole answer again would cost O(length) a token. The surplus keeps a decoder's treatment of the
-    # window's first token (a dropped leading space, a partial character) clear of the stop.
-    stops = [s for s in options.stop if s]
-    tail = 4 * max((len(s) for s in stops), default=0) + 8
-    while True:
-        scores = procs(ids[None], logits[None])[0] if procs else logits
-        token = int(torch.multinomial(scores.softmax(-1), 1)) if sample else greedy_token(scores)
-        new.append(token)
-        if procs:
-            ids = torch.cat([ids, torch.tensor([token], device=ids.device)])
+        procs = processors(model, options)
+        ids = input_ids[0].clone()
         if streamer is not None:
-            streamer.put(torch.tensor([token]))
-        if token in ends or len(new) >= options.max_new_tokens:
-            break
-        if stops and any(s in tok.decode(new[-tail:], skip_special_tokens=True) for s in stops):
-            break
-        if should_stop is not None and should_stop():
-            cancelled = True
-            break
-        logits = step(token, n + len(new) - 1)
-    if streamer is not None:
-        streamer.end()
+            streamer.put(input_ids.cpu())
+        new: list[int] = []
+        sample, cancelled = options.temperature > 0, False
+        # A stop string that ends in the newest token lies within its last `tail` tokens (a token is at least
+        # one character, or one of at most 4 bytes of one), so only those are decoded after each token: the
+        # whole answer again would cost O(length) a token. The surplus keeps a decoder's treatment of the
+        # window's first token (a dropped leading space, a partial character) clear of the stop.
+        stops = [s for s in options.stop if s]
+        tail = 4 * max((len(s) for s in stops), default=0) + 8
+        while True:
+            scores = procs(ids[None], logits[None])[0] if procs else logits
+            token = int(torch.multinomial(scores.softmax(-1), 1)) if sample else greedy_token(scores)
+            new.append(token)
+            if procs:
+                ids = torch.cat([ids, torch.tensor([token], device=ids.device)])
+            if streamer is not None:
+                streamer.put(torch.tensor([token]))
+            if token in ends or len(new) >= options.max_new_tokens:
+                break
+            if stops and any(s in tok.decode(new[-tail:], skip_special_tokens=True) for s in stops):
+                break
+            if should_stop is not None and should_stop():
+                cancelled = True
+                break
+            logits = step(token, n + len(new) - 1)
+        if streamer is not None:
+            streamer.end()
     return new, cancelled

@@ -26,14 +26,16 @@ import torch
 
 from .lean_decode import LeanCache, LeanDecoder
 
+log = logging.getLogger(__name__)
+
+_CAPTURE_LOCK = threading.Lock()  # one capture at a time (`StaticSlot._capture`)
+
 MIN_CAPACITY = 256
 """Smallest capacity bucket: prompts and answers of an assistant are short, and every bucket is one
 more graph (and one more cache) kept per concurrent generation."""
 
 SPARE_SLOTS = 2
 """Idle slots kept per bucket once their generations end; more are built when more run at once."""
-
-log = logging.getLogger(__name__)
 
 WARMUP_STEPS = 3
 """Eager steps on a side stream before recording (PyTorch's rule for capture: lazy initialisation, such
@@ -54,7 +56,7 @@ class StaticSlot:
 
     def __init__(self, lean: LeanDecoder, capacity: int, *, graph: bool | None = None) -> None:
         self.lean = lean
-        self.cache: LeanCache = lean.empty_cache(capacity)
+        self.cache: LeanCache = lean.empty_cache(capacity, zeroed=True)
         device = lean.device
         self.token = torch.zeros(1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
@@ -106,9 +108,6 @@ class StaticSlot:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.logits = self.lean.step_static(self.cache, self.token, self.pos)
             self.graph = graph
-
-
-_CAPTURE_LOCK = threading.Lock()
 
 
 class SlotPool:

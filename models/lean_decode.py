@@ -349,12 +349,14 @@ class LeanDecoder:
         """A `LeanCache` of `capacity` tokens holding the prompt's keys/values from a transformers cache."""
         return self.load(self.empty_cache(capacity), cache)
 
-    def empty_cache(self, capacity: int) -> LeanCache:
-        """A `LeanCache` of `capacity` positions, keys and values zero (the static step's masked attention
-        multiplies unfilled positions by a weight of 0, which must not meet a NaN from uninitialised memory)."""
+    def empty_cache(self, capacity: int, *, zeroed: bool = False) -> LeanCache:
+        """A `LeanCache` of `capacity` positions. `step` reads only positions it wrote, so their memory may
+        start uninitialised; `step_static` needs `zeroed` keys and values (its masked attention multiplies
+        unfilled positions by a weight of 0, which must not meet a NaN from uninitialised memory)."""
         kvs, keys, values, nkv, dev = [], [], [], self.n_kv, self.device
+        new = torch.zeros if zeroed else torch.empty
         for _ in self.layers:
-            kv = torch.zeros(capacity, 2 * nkv, self.head_dim, dtype=ATTENTION_DTYPE, device=dev)
+            kv = new(capacity, 2 * nkv, self.head_dim, dtype=ATTENTION_DTYPE, device=dev)
             kvs.append(kv)
             keys.append(kv[:, :nkv].permute(1, 2, 0))
             values.append(kv[:, nkv:].permute(1, 0, 2))
