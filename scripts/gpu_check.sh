@@ -5,9 +5,10 @@
 #      its Triton stay as they are),
 #   2. every `cuda`-marked test (int4 kernels against the reference, `auto`'s timed choice, the CUDA-graph
 #      decode step against transformers, quantizing on CUDA against the CPU),
-#   3. the embedded model's shapes end to end (random weights; fp16, bf16, int4 on tinygemm-cuda and on gemlite, int4 + quantized LM
-#      head), without perplexity: transformers' forward a token ("decode") and rpiq's CUDA-graphed lean
-#      step ("lean"); the target is int4 lean >= 1.3x bf16 lean and >= 2x int4 "decode" on tinygemm-cuda,
+#   3. the embedded model's shapes end to end (random weights; fp16, bf16, int4 on tinygemm-cuda and on
+#      gemlite, int4 + quantized LM head), without perplexity: transformers' forward a token ("decode") and
+#      rpiq's CUDA-graphed lean step ("lean"); the target is int4 lean >= 1.3x bf16 lean and >= 2x int4
+#      "decode" on tinygemm-cuda,
 #   4. one decoder layer's projections at Llama-2-7B / Qwen2.5-0.5B shapes, batch 1: bf16 vs tinygemm-cuda
 #      vs gemlite, eager and graphed (target: int4 >= 2.5x bf16 at 7B),
 #   5. with FULL=1 also the layer part of benchmarks/decode.py and calibration memory per mode.

@@ -154,7 +154,7 @@ def test_auto_times_the_fast_kernels_where_several_fit_and_caches_the_choice(mon
         kernel = "slow-tinygemm"
 
     monkeypatch.setitem(KERNELS, "slow-tinygemm", SlowTinygemm)
-    monkeypatch.setitem(_AUTO_ORDER, "cpu", ("slow-tinygemm", "tinygemm-cpu", "dequant"))
+    monkeypatch.setitem(_AUTO_ORDER, "cpu", ("slow-tinygemm", "tinygemm-cpu"))
     timed: list[str] = []
 
     def fake_seconds(layer, x):

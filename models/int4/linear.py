@@ -200,11 +200,11 @@ KERNELS: dict[str, type[QuantLinear]] = {
 KernelName = Literal["auto", "tinygemm-cuda", "tinygemm-cpu", "dequant", "gemlite"]
 KERNEL_CHOICES: tuple[str, ...] = get_args(KernelName)
 assert set(KERNEL_CHOICES) == {"auto", *KERNELS}, "KernelName must list every kernel"
-# `auto`'s candidates per device (the dequantizing reference last): of those that can run on the device and
-# represent a layer, one is taken as it is, several are timed on the layer's shape (`autotune`).
+# `auto`'s fast kernels per device: of those that can run on the device and represent a layer, one is taken
+# as it is, several are timed on the layer's shape (`autotune`), none leaves the dequantizing reference.
 _AUTO_ORDER: dict[str, tuple[str, ...]] = {
-    "cuda": ("gemlite", "tinygemm-cuda", "dequant"),  # gemlite only where the library imports
-    "cpu": ("tinygemm-cpu", "dequant"),
+    "cuda": ("gemlite", "tinygemm-cuda"),  # gemlite only where the library imports
+    "cpu": ("tinygemm-cpu",),
 }
 
 
@@ -222,13 +222,8 @@ def kernel_for(
     if device.type not in _DEVICE_TYPES:
         raise KernelUnavailableError(f"device {device.type!r} is not supported; use one of {_DEVICE_TYPES}")
     if name == "auto":
-        fits = [
-            KERNELS[c]
-            for c in _AUTO_ORDER[device.type]
-            if c != DequantLinear.kernel
-            and KERNELS[c].unavailable(device) is None
-            and KERNELS[c].unsupported(qw) is None
-        ]
+        candidates = [KERNELS[c] for c in _AUTO_ORDER[device.type]]
+        fits = [c for c in candidates if c.unavailable(device) is None and c.unsupported(qw) is None]
         if len(fits) > 1:
             return autotune.fastest(fits, qw, device, dtype) or DequantLinear
         return fits[0] if fits else DequantLinear
